@@ -1,0 +1,3 @@
+from epiconsole.cli import main
+
+raise SystemExit(main())

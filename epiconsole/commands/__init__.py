@@ -1,0 +1,1 @@
+"""One module per CLI subcommand: ``HELP``, ``configure(parser)``, ``run(args) -> int``."""
