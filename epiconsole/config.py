@@ -98,10 +98,8 @@ class CommandsConfig:
         " --profile {profile} --out {out} --json"
     )
     validate: str = "epiconsole surgeon validate {out} --json"
-    convert: str = (
-        "cd {out} && python3 {converter} . q40 {name} && mv dllama_model_*_q40.m {model_file}"
-        " && mv dllama_tokenizer_*.t {tokenizer_file}"
-    )
+    #: distributed-llama's converters write dllama_model_{name}_q40.m and dllama_tokenizer_{name}.t into {out}.
+    convert: str = "cd {out} && python3 {converter} . q40 {name} && python3 {tokenizer_converter} . {name}"
     #: Runs on the DGX: copies the converted model to the root node.
     push: str = "rsync -a --partial {files} {dest}"
     hash: str = "sha256sum {path}"
@@ -128,7 +126,7 @@ class CommandsConfig:
 TEMPLATE_PLACEHOLDERS: dict[str, frozenset[str]] = {
     "surgery": frozenset({"source", "experts", "layers", "strategy", "profile", "out"}),
     "validate": frozenset({"out"}),
-    "convert": frozenset({"out", "converter", "name", "model_file", "tokenizer_file"}),
+    "convert": frozenset({"out", "converter", "tokenizer_converter", "name"}),
     "push": frozenset({"files", "dest"}),
     "hash": frozenset({"path"}),
     "size": frozenset({"path"}),
@@ -153,7 +151,8 @@ class SurgeryConfig:
     work_dir: str = "/data/epi"
     #: remove (uniform, physical), mask (-inf router logit at run time) or zero (weights and router row zeroed).
     strategy: Literal["remove", "mask", "zero"] = "remove"
-    converter: str = "~/distributed-llama/converter/convert-hf.py"
+    converter: str = "/opt/distributed-llama/converter/convert-hf.py"
+    tokenizer_converter: str = "/opt/distributed-llama/converter/convert-tokenizer-hf.py"
 
 
 @dataclass(frozen=True)
