@@ -303,12 +303,12 @@ class LabConfig:
         blob = json.dumps(to_dict(self), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()
 
-    def template(self, name: str) -> str:
-        return getattr(self.commands, name)
+    def template(self, template: str, /) -> str:
+        return getattr(self.commands, template)
 
-    def command(self, name: str, **values: Any) -> str:
+    def command(self, template: str, /, **values: Any) -> str:
         """The named command template filled with shell-quoted values."""
-        return fill(self.template(name), **values)
+        return fill(self.template(template), **values)
 
 
 # --------------------------------------------------------------------------------------------------
