@@ -91,3 +91,11 @@ class _MaskedForward:
 def masked_from_manifest(manifest: Mapping[str, Any]) -> dict[int, list[int]]:
     """The experts a ``mask`` surgery asks the runtime to mask, by layer (empty for other strategies)."""
     return {int(k): list(v) for k, v in (manifest.get("masked") or {}).items()}
+
+
+def quiet_transformers() -> None:
+    """No progress bars or advice on stderr: our own events are the progress the console reads."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
