@@ -1,0 +1,275 @@
+"""``surgeon drop`` on tiny sharded checkpoints: exact experts, renumbering, router rows, config, index,
+manifest, refusals, damaged sources leaving no output, no-op re-runs, and no torch on the way."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from surgeon_fixtures import _private_hash_cache, build, tree_digest  # noqa: F401
+
+from epiconsole.cli import main
+from epiconsole.errors import UserError
+from epiconsole.surgeon.drop import drop_experts
+from epiconsole.surgeon.layout import INDEX_NAME, MANIFEST_NAME, load_checkpoint
+from epiconsole.surgeon.ranking import least_routed
+from epiconsole.surgeon.validate import validate_checkpoint
+
+E, K, L = 8, 2, 4
+
+
+def load_all(root: Path) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for f in sorted(root.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def expert(layer: int, j: int, param: str) -> str:
+    return f"model.layers.{layer}.mlp.experts.{j}.{param}.weight"
+
+
+@pytest.fixture
+def fp32(tmp_path: Path) -> tuple[Path, Path]:
+    return build(tmp_path, dtype="float32", shards=3, layers=L, experts=E, top_k=K)
+
+
+def test_remove_all_layers_drops_exactly_the_least_routed(tmp_path: Path, fp32: tuple[Path, Path]) -> None:
+    src, prof = fp32
+    before = tree_digest(src)
+    profile = json.loads(prof.read_text())
+    out = tmp_path / "out"
+    result = drop_experts(src, experts=3, layers="all", strategy="remove", profile=prof, out=out)
+    assert not result.noop
+    assert tree_digest(src) == before  # the source is never modified
+    orig, new = load_all(src), load_all(out)
+    for layer in range(L):
+        dropped = least_routed(profile["layers"][str(layer)], 3)
+        assert result.manifest["dropped"][str(layer)] == dropped
+        kept = [j for j in range(E) if j not in dropped]
+        assert result.manifest["kept"][str(layer)] == kept
+        # Survivors renumbered in order; nothing beyond E-3 remains.
+        for new_j, old_j in enumerate(kept):
+            for param in ("gate_proj", "up_proj", "down_proj"):
+                np.testing.assert_array_equal(new[expert(layer, new_j, param)], orig[expert(layer, old_j, param)])
+        assert expert(layer, E - 3, "gate_proj") not in new
+        router = f"model.layers.{layer}.mlp.gate.weight"
+        np.testing.assert_array_equal(new[router], orig[router][kept])
+    # Everything that is not an expert or router is byte-identical.
+    for name, arr in orig.items():
+        if ".mlp." not in name:
+            np.testing.assert_array_equal(new[name], arr)
+    assert len(new) == len(orig) - L * 3 * 3
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_experts"] == E - 3
+    assert {k: v for k, v in config.items() if k != "num_experts"} == {
+        k: v for k, v in json.loads((src / "config.json").read_text()).items() if k != "num_experts"
+    }
+    index = json.loads((out / INDEX_NAME).read_text())
+    ck = load_checkpoint(out)
+    assert set(index["weight_map"]) == set(new)
+    assert index["metadata"]["total_size"] == sum(a.nbytes for a in new.values()) == ck.data_bytes
+    # Sizes add up: each shard = 8-byte length + header + its tensors.
+    for shard, header in ck.shards.items():
+        assert header.size == header.header_bytes + sum(t.nbytes for t in header.tensors)
+        assert {e["file"]: e["bytes"] for e in result.manifest["output_shards"]}[shard] == header.size
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / f).read_bytes() == (src / f).read_bytes()
+    assert all(c.ok for c in validate_checkpoint(out, generate=False))
+
+
+def test_bf16_remove_and_single_file_checkpoint(tmp_path: Path) -> None:
+    src, prof = build(tmp_path, dtype="bfloat16", shards=1)
+    out = tmp_path / "out"
+    result = drop_experts(src, experts=1, layers="all", strategy="remove", profile=prof, out=out)
+    assert not (out / INDEX_NAME).exists() and (out / "model.safetensors").exists()
+    ck_src, ck_out = load_checkpoint(src), load_checkpoint(out)
+    assert ck_out.num_experts == ck_src.num_experts - 1
+    from epiconsole.surgeon.safetensors_io import read_array
+
+    for layer, dropped in result.manifest["dropped"].items():
+        name = f"model.layers.{layer}.mlp.gate.weight"
+        a = read_array(src / "model.safetensors", ck_src.info(name))
+        b = read_array(out / "model.safetensors", ck_out.info(name))
+        np.testing.assert_array_equal(b, np.delete(a, dropped, axis=0))
+
+
+def test_mask_leaves_weights_untouched_and_lists_the_experts(tmp_path: Path, fp32: tuple[Path, Path]) -> None:
+    src, prof = fp32
+    out = tmp_path / "masked"
+    result = drop_experts(src, experts=2, layers="late", strategy="mask", profile=prof, out=out)
+    profile = json.loads(prof.read_text())
+    assert result.manifest["masked"] == {str(L - 1): least_routed(profile["layers"][str(L - 1)], 2)}
+    for f in src.glob("*.safetensors"):
+        assert (out / f.name).read_bytes() == f.read_bytes()
+    assert json.loads((out / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+
+
+def test_zero_zeroes_experts_and_router_rows_only_in_targeted_layers(tmp_path: Path, fp32: tuple[Path, Path]) -> None:
+    src, prof = fp32
+    out = tmp_path / "zeroed"
+    result = drop_experts(src, experts=2, layers="early", strategy="zero", profile=prof, out=out)
+    assert list(result.manifest["dropped"]) == ["0"]
+    dropped = result.manifest["dropped"]["0"]
+    orig, new = load_all(src), load_all(out)
+    assert set(orig) == set(new)
+    for name, arr in orig.items():
+        target = any(name.startswith(f"model.layers.0.mlp.experts.{j}.") for j in dropped)
+        if target:
+            assert not new[name].any()
+        elif name == "model.layers.0.mlp.gate.weight":
+            assert not new[name][dropped].any()
+            keep = [j for j in range(E) if j not in dropped]
+            np.testing.assert_array_equal(new[name][keep], arr[keep])
+        else:
+            np.testing.assert_array_equal(new[name], arr)
+    assert all(c.ok for c in validate_checkpoint(out, generate=False))
+
+
+def test_non_uniform_remove_is_refused_with_the_alternatives(tmp_path: Path, fp32: tuple[Path, Path]) -> None:
+    src, prof = fp32
+    with pytest.raises(UserError) as exc:
+        drop_experts(src, experts=1, layers="early", strategy="remove", profile=prof, out=tmp_path / "o")
+    assert "mask" in str(exc.value) and "zero" in str(exc.value)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("experts", [0, E - K + 1])
+def test_impossible_counts_are_refused(tmp_path: Path, fp32: tuple[Path, Path], experts: int) -> None:
+    src, prof = fp32
+    with pytest.raises(UserError, match="--experts"):
+        drop_experts(src, experts=experts, layers="all", strategy="remove", profile=prof, out=tmp_path / "o")
+
+
+def test_profile_for_another_model_is_refused(tmp_path: Path, fp32: tuple[Path, Path]) -> None:
+    src, _ = fp32
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"layers": {str(i): [1] * (E + 1) for i in range(L)}}))
+    with pytest.raises(UserError, match="profile the checkpoint you are pruning"):
+        drop_experts(src, experts=1, layers="all", strategy="remove", profile=other, out=tmp_path / "o")
+
+
+def _no_partial_output(tmp_path: Path) -> None:
+    assert not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.tmp")]
+
+
+def test_truncated_shard_gives_a_clear_error_and_no_output(tmp_path: Path, fp32: tuple[Path, Path]) -> None:
+    src, prof = fp32
+    shard = sorted(src.glob("*.safetensors"))[1]
+    os.truncate(shard, shard.stat().st_size - 100)
+    with pytest.raises(UserError, match="truncated") as exc:
+        drop_experts(src, experts=1, layers="all", strategy="remove", profile=prof, out=tmp_path / "o")
+    assert shard.name in str(exc.value)
+    _no_partial_output(tmp_path)
+
+
+def test_index_naming_a_missing_tensor_gives_a_clear_error_and_no_output(tmp_path: Path, fp32: tuple[Path, Path]) -> None:
+    src, prof = fp32
+    index = json.loads((src / INDEX_NAME).read_text())
+    index["weight_map"]["model.layers.9.mlp.gate.weight"] = next(iter(index["weight_map"].values()))
+    (src / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(UserError, match=r"model\.layers\.9\.mlp\.gate\.weight.*does not contain it"):
+        drop_experts(src, experts=1, layers="all", strategy="remove", profile=prof, out=tmp_path / "o")
+    _no_partial_output(tmp_path)
+
+
+def test_a_shard_shrinking_mid_copy_leaves_no_output(tmp_path: Path, fp32: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure after writing began (here: a source shard truncated between planning and copying)."""
+    src, prof = fp32
+    import epiconsole.surgeon.drop as drop_mod
+
+    real_build = drop_mod.build_plans
+
+    def build_then_truncate(*args, **kwargs):  # noqa: ANN002, ANN003
+        plans = real_build(*args, **kwargs)
+        shard = sorted(src.glob("*.safetensors"))[-1]
+        os.truncate(shard, shard.stat().st_size // 2)
+        return plans
+
+    monkeypatch.setattr(drop_mod, "build_plans", build_then_truncate)
+    with pytest.raises(UserError, match="ended early"):
+        drop_experts(src, experts=1, layers="all", strategy="zero", profile=prof, out=tmp_path / "o", workers=1)
+    _no_partial_output(tmp_path)
+
+
+def test_rerun_is_a_noop_and_a_different_request_is_refused(tmp_path: Path, fp32: tuple[Path, Path]) -> None:
+    src, prof = fp32
+    out = tmp_path / "o"
+    drop_experts(src, experts=2, layers="all", strategy="remove", profile=prof, out=out)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = drop_experts(src, experts=2, layers="all", strategy="remove", profile=prof, out=out)
+    assert again.noop and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    with pytest.raises(UserError, match="different surgery"):
+        drop_experts(src, experts=3, layers="all", strategy="remove", profile=prof, out=out)
+
+
+def test_manifest_records_hashes_and_cache_skips_rehashing(tmp_path: Path, fp32: tuple[Path, Path]) -> None:
+    import hashlib
+
+    src, prof = fp32
+    first = drop_experts(src, experts=1, layers="all", strategy="remove", profile=prof, out=tmp_path / "a")
+    for entry in first.manifest["source_shards"]:
+        assert entry["sha256"] == hashlib.sha256((src / entry["file"]).read_bytes()).hexdigest()
+    for entry in first.manifest["output_shards"]:
+        assert entry["sha256"] == hashlib.sha256((tmp_path / "a" / entry["file"]).read_bytes()).hexdigest()
+    assert first.manifest["profile"]["sha256"] == hashlib.sha256(prof.read_bytes()).hexdigest()
+    cache = json.loads(Path(os.environ["EPICONSOLE_SURGEON_CACHE"]).read_text())
+    assert len(cache) == 3
+    second = drop_experts(src, experts=2, layers="all", strategy="zero", profile=prof, out=tmp_path / "b")
+    assert second.manifest["source_shards"] == first.manifest["source_shards"]
+
+
+def test_validate_catches_a_corrupted_output(tmp_path: Path, fp32: tuple[Path, Path]) -> None:
+    src, prof = fp32
+    out = tmp_path / "o"
+    drop_experts(src, experts=1, layers="all", strategy="remove", profile=prof, out=out)
+    ck = load_checkpoint(out)
+    shard, info = ck.tensors["model.layers.1.mlp.gate.weight"]
+    with open(out / shard, "r+b") as f:  # a NaN in a touched tensor
+        f.seek(info.begin)
+        f.write(np.array([np.nan], np.float32).tobytes())
+    failed = {c.name for c in validate_checkpoint(out, generate=False) if not c.ok}
+    assert failed == {"manifest shard hashes", "finite values"}
+
+
+def test_cli_json_events_and_exit_codes(tmp_path: Path, fp32: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    src, prof = fp32
+    out = tmp_path / "o"
+    argv = ["surgeon", "drop", str(src), "--experts", "1", "--profile", str(prof), "--out", str(out), "--json"]
+    assert main(argv) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("shard") == 3 and "tensor" in kinds
+    assert events[-1]["manifest"] == str(out / MANIFEST_NAME)
+    assert main([*argv[:4], "2", *argv[5:-2], str(tmp_path / "p"), "--layers", "late", "--json"]) == 2
+    error = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert error["event"] == "error" and "--strategy remove needs --layers all" in error["message"]
+    assert main(["surgeon", "validate", str(out), "--no-generate", "--json"]) == 0
+    done = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert done == {"event": "done", "out": str(out), "ok": True, "failed": []}
+    assert main(["surgeon", "inspect", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["num_experts"] == E - 1 and summary["surgery"]["strategy"] == "remove"
+    assert main(["surgeon", "inspect", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_headless_commands_never_import_torch(tmp_path: Path, fp32: tuple[Path, Path]) -> None:
+    src, prof = fp32
+    code = (
+        "import sys\nfrom epiconsole.cli import main\n"
+        f"assert main(['surgeon', 'inspect', {str(src)!r}]) == 0\n"
+        f"assert main(['surgeon', 'drop', {str(src)!r}, '--experts', '1', '--profile', {str(prof)!r}, '--out', {str(tmp_path / 'o')!r}]) == 0\n"
+        f"assert main(['surgeon', 'validate', {str(tmp_path / 'o')!r}, '--no-generate']) == 0\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'safetensors', 'textual') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=os.environ)
+    assert proc.returncode == 0, proc.stderr
