@@ -795,10 +795,10 @@ class EpiMeter:
                     reboot = True
             elif wh_back or dseq >= _HALF:
                 reboot = True
-            if reboot:
-                lost = s.seq if s.seq < _HALF else 0  # seq restarts at 0 on boot
-            elif 1 < dseq < _HALF:
+            if 1 < dseq < _HALF:
                 lost = dseq - 1
+            elif reboot and dseq >= _HALF:
+                lost = s.seq  # seq restarted at 0 on boot: the first s.seq lines never arrived
         if reboot:
             self._reboots += 1
             self._epoch_ms = 0
