@@ -210,20 +210,31 @@ def test_rerun_is_a_noop_and_a_different_request_is_refused(tmp_path: Path, fp32
         drop_experts(src, experts=3, layers="all", strategy="remove", profile=prof, out=out)
 
 
-def test_manifest_records_hashes_and_cache_skips_rehashing(tmp_path: Path, fp32: tuple[Path, Path]) -> None:
+def test_manifest_digests_match_the_bytes_and_the_cache_skips_rehashing(tmp_path: Path, fp32: tuple[Path, Path]) -> None:
     import hashlib
+
+    from epiconsole.surgeon.digest import file_digests
 
     src, prof = fp32
     first = drop_experts(src, experts=1, layers="all", strategy="remove", profile=prof, out=tmp_path / "a")
-    for entry in first.manifest["source_shards"]:
-        assert entry["sha256"] == hashlib.sha256((src / entry["file"]).read_bytes()).hexdigest()
-    for entry in first.manifest["output_shards"]:
-        assert entry["sha256"] == hashlib.sha256((tmp_path / "a" / entry["file"]).read_bytes()).hexdigest()
-    assert first.manifest["profile"]["sha256"] == hashlib.sha256(prof.read_bytes()).hexdigest()
     cache = json.loads(Path(os.environ["EPICONSOLE_SURGEON_CACHE"]).read_text())
     assert len(cache) == 3
-    second = drop_experts(src, experts=2, layers="all", strategy="zero", profile=prof, out=tmp_path / "b")
-    assert second.manifest["source_shards"] == first.manifest["source_shards"]
+    for entry in first.manifest["source_shards"]:
+        digest, tensors = file_digests(src / entry["file"])
+        assert entry["digest"] == digest and digest.startswith("tree-sha256:")
+        assert tensors in cache.values()
+        # The tree digest really covers the data: each tensor's sha256 is of its bytes.
+        header = load_checkpoint(src).shards[entry["file"]]
+        data = (src / entry["file"]).read_bytes()
+        t = header.tensors[0]
+        assert tensors[t.name] == hashlib.sha256(data[t.begin : t.end]).hexdigest()
+    # Output digests computed during the copy (from cached and fresh tensor digests) equal a re-hash.
+    for strategy, out in (("zero", tmp_path / "b"), ("remove", tmp_path / "c")):
+        result = drop_experts(src, experts=2, layers="all", strategy=strategy, profile=prof, out=out)
+        assert result.manifest["source_shards"] == first.manifest["source_shards"]
+        for entry in result.manifest["output_shards"]:
+            assert entry["digest"] == file_digests(out / entry["file"])[0]
+    assert first.manifest["profile"]["sha256"] == hashlib.sha256(prof.read_bytes()).hexdigest()
 
 
 def test_validate_catches_a_corrupted_output(tmp_path: Path, fp32: tuple[Path, Path]) -> None:

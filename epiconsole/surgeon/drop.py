@@ -24,11 +24,12 @@ from typing import Any, Literal
 
 from epiconsole import __version__
 from epiconsole.errors import UserError
+from epiconsole.surgeon.digest import hash_range, shard_digest
 from epiconsole.surgeon.hashcache import HashCache
 from epiconsole.surgeon.layout import INDEX_NAME, MANIFEST_NAME, Checkpoint, load_checkpoint
 from epiconsole.surgeon.progress import Progress
 from epiconsole.surgeon.ranking import load_profile, plan_drops
-from epiconsole.surgeon.safetensors_io import OutTensor, encode_header
+from epiconsole.surgeon.safetensors_io import OutTensor, encode_header, read_header
 
 MANIFEST_FORMAT = "epiconsole-surgery/1"
 CHUNK = 16 << 20  # bytes per read/write: large enough that syscall overhead vanishes
@@ -44,7 +45,11 @@ class Segment:
     action: Action
     offset: int
     length: int
-    ends_tensor: bool = False
+    #: The source tensor these bytes belong to, and whether this segment is its last.
+    tensor: str
+    ends_tensor: bool = True
+    #: The output tensor is the source tensor byte for byte (its digest carries over).
+    verbatim: bool = True
 
 
 @dataclass(frozen=True)
@@ -119,15 +124,15 @@ def build_plans(ck: Checkpoint, drops: Mapping[int, Sequence[int]], strategy: st
                 layer, j, param = expert_of[name]
                 if j in drops[layer]:
                     if strategy == "remove":
-                        segments.append(Segment("skip", t.begin, t.nbytes, True))
+                        segments.append(Segment("skip", t.begin, t.nbytes, t.name))
                         continue
                     action: Action = "zero" if strategy == "zero" else "copy"
-                    segments.append(Segment(action, t.begin, t.nbytes, True))
+                    segments.append(Segment(action, t.begin, t.nbytes, t.name, verbatim=action == "copy"))
                     out_tensors.append(OutTensor(name, t.dtype, shape))
                     continue
                 if strategy == "remove":
                     name = fam.expert_name.format(layer=layer, expert=renumber[layer][j], param=param)
-                segments.append(Segment("copy", t.begin, t.nbytes, True))
+                segments.append(Segment("copy", t.begin, t.nbytes, t.name))
             elif name in router_of and router_of[name] in drops and strategy != "mask":
                 layer = router_of[name]
                 dropped = drops[layer]
@@ -135,11 +140,11 @@ def build_plans(ck: Checkpoint, drops: Mapping[int, Sequence[int]], strategy: st
                 runs = _row_runs(shape[0], dropped)
                 for i, (is_dropped, first, count) in enumerate(runs):
                     action = ("skip" if strategy == "remove" else "zero") if is_dropped else "copy"
-                    segments.append(Segment(action, t.begin + first * rb, count * rb, i == len(runs) - 1))
+                    segments.append(Segment(action, t.begin + first * rb, count * rb, t.name, i == len(runs) - 1, verbatim=False))
                 if strategy == "remove":
                     shape = (shape[0] - len(dropped), *shape[1:])
             else:
-                segments.append(Segment("copy", t.begin, t.nbytes, True))
+                segments.append(Segment("copy", t.begin, t.nbytes, t.name))
             out_tensors.append(OutTensor(name, t.dtype, shape))
         header = encode_header(out_tensors, shard.metadata)
         plans[file] = ShardPlan(file, header, tuple(out_tensors), tuple(segments), shard.header_bytes)
@@ -157,61 +162,103 @@ def _run_shard(
     src: Path,
     dst: Path,
     plan: ShardPlan,
-    src_digest_known: bool,
+    known: Mapping[str, str] | None,
     counters: _Counters,
     total_tensors: int,
     progress: Progress,
     stop: threading.Event,
-) -> tuple[str, str | None]:
-    """Write one output shard; returns (output sha256, source sha256 or None when it was cached)."""
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    out_hash = hashlib.sha256(plan.header)
-    src_hash = hashlib.sha256() if not src_digest_known else None
+) -> tuple[str, str, dict[str, str]]:
+    """Write one output shard; returns (output digest, source digest, source tensor digests).
+
+    With the source's tensor digests ``known`` (cached), verbatim tensors move with
+    ``copy_file_range`` (in-kernel, like ``cp``) and only changed tensors are hashed. Without them,
+    every source byte is hashed once through read-only page-cache windows and written from there.
+    """
+    src_digests: dict[str, str] = dict(known or {})
+    out_digests: list[str] = []
     sfd = os.open(src, os.O_RDONLY)
     try:
+        size = os.fstat(sfd).st_size
+        src_head = os.pread(sfd, plan.source_header_bytes, 0)
         dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             _write_all(dfd, plan.header)
-            if src_hash is not None:
-                head = os.pread(sfd, plan.source_header_bytes, 0)
-                src_hash.update(head)
+            src_h: Any = None
+            out_h: Any = None
             for seg in plan.segments:
                 if stop.is_set():
                     raise _Stopped
-                pos, left = seg.offset, seg.length
-                # Skipped bytes are read only when the source digest needs them; zeros need no read.
-                must_read = seg.action == "copy" or src_hash is not None
-                while left:
-                    k = min(left, CHUNK)
-                    if must_read:
-                        got = os.preadv(sfd, [view[:k]], pos)
-                        if got != k:
-                            raise UserError(f"{src} ended early at byte {pos + got}; re-copy the source shard.")
-                        if src_hash is not None:
-                            src_hash.update(view[:k])
-                    if seg.action == "copy":
-                        _write_all(dfd, view[:k])
-                        out_hash.update(view[:k])
-                    elif seg.action == "zero":
-                        _write_all(dfd, _ZEROS[:k])
-                        out_hash.update(_ZEROS[:k])
-                    pos += k
-                    left -= k
+                if seg.offset + seg.length > size:
+                    raise UserError(f"{src} ended early at byte {size}; re-copy the source shard.")
+                need_src = known is None
+                if need_src and src_h is None:
+                    src_h = hashlib.sha256()
+                if not seg.verbatim and seg.action != "skip" and out_h is None:
+                    out_h = hashlib.sha256()
+                if seg.action == "copy":
+                    if need_src or not seg.verbatim:
+                        _copy_hashed(sfd, dfd, seg.offset, seg.length, src_h, out_h)
+                    else:
+                        _copy_range(sfd, dfd, seg.offset, seg.length)
+                else:
+                    if need_src:
+                        hash_range(sfd, seg.offset, seg.length, src_h)
+                    if seg.action == "zero":
+                        _write_zeros(dfd, seg.length, out_h)
                 if seg.ends_tensor:
-                    with counters.lock:
+                    if need_src:
+                        src_digests[seg.tensor] = src_h.hexdigest()
+                        src_h = None
+                    if seg.action != "skip" or out_h is not None:
+                        out_digests.append(out_h.hexdigest() if out_h is not None else src_digests[seg.tensor])
+                    out_h = None
+                with counters.lock:
+                    counters.bytes_done += seg.length if seg.action != "skip" else 0
+                    if seg.ends_tensor:
                         counters.tensors_done += 1
-                        counters.bytes_done += seg.length if seg.action != "skip" else 0
-                        done, nbytes = counters.tensors_done, counters.bytes_done
+                    done, nbytes = counters.tensors_done, counters.bytes_done
+                if seg.ends_tensor:
                     progress.tensor(done=done, total=total_tensors, bytes=nbytes)
-                elif seg.action != "skip":
-                    with counters.lock:
-                        counters.bytes_done += seg.length
         finally:
             os.close(dfd)
     finally:
         os.close(sfd)
-    return out_hash.hexdigest(), (src_hash.hexdigest() if src_hash is not None else None)
+    header = read_header(src)
+    src_digest = shard_digest(src_head, [src_digests[t.name] for t in header.tensors])
+    return shard_digest(plan.header, out_digests), src_digest, src_digests
+
+
+def _copy_range(sfd: int, dfd: int, pos: int, length: int) -> None:
+    """In-kernel copy (no user-space buffer); falls back to mapped writes where unsupported."""
+    end = pos + length
+    while pos < end:
+        try:
+            n = os.copy_file_range(sfd, dfd, min(end - pos, 1 << 30), pos)
+        except OSError:
+            _copy_hashed(sfd, dfd, pos, end - pos, None, None)
+            return
+        if n == 0:
+            raise UserError(f"A source shard ended early at byte {pos}; re-copy it.")
+        pos += n
+
+
+def _copy_hashed(sfd: int, dfd: int, pos: int, length: int, src_h: Any, out_h: Any) -> None:
+    """Copy through read-only page-cache windows, feeding the hashers on the way (one copy, like cp)."""
+
+    class _Writer:
+        def update(self, view: memoryview) -> None:
+            _write_all(dfd, view)
+
+    hash_range(sfd, pos, length, *(h for h in (src_h, out_h) if h is not None), _Writer())
+
+
+def _write_zeros(dfd: int, length: int, out_h: Any) -> None:
+    while length:
+        k = min(length, CHUNK)
+        _write_all(dfd, _ZEROS[:k])
+        if out_h is not None:
+            out_h.update(_ZEROS[:k])
+        length -= k
 
 
 class _Stopped(Exception):
@@ -348,7 +395,12 @@ def _run_all(
     """Write every shard, several at once (file I/O and sha256 release the GIL)."""
     counters = _Counters()
     stop = threading.Event()
-    known = {file: cache.get(ck.path / file) for file in plans}
+    known: dict[str, dict[str, str] | None] = {}
+    for file in plans:
+        cached = cache.get(ck.path / file)
+        # A cache entry must name exactly this shard's tensors to be trusted.
+        names = {t.name for t in ck.shards[file].tensors}
+        known[file] = cached if isinstance(cached, dict) and set(cached) == names else None
     n = workers or min(len(plans), os.cpu_count() or 1, 8)
     done_shards = 0
     lock = threading.Lock()
@@ -356,20 +408,20 @@ def _run_all(
     def one(file: str) -> tuple[str, tuple[str, str]]:
         nonlocal done_shards
         try:
-            out_digest, src_digest = _run_shard(
-                ck.path / file, tmp / file, plans[file], known[file] is not None, counters, total_tensors, progress, stop
+            out_digest, src_digest, tensor_digests = _run_shard(
+                ck.path / file, tmp / file, plans[file], known[file], counters, total_tensors, progress, stop
             )
         except BaseException:
             stop.set()
             raise
-        if src_digest is not None:
-            cache.put(ck.path / file, src_digest)
+        if known[file] is None:
+            cache.put(ck.path / file, tensor_digests)
         with lock:
             done_shards += 1
             index = done_shards
         progress.tensor(force=True, done=counters.tensors_done, total=total_tensors, bytes=counters.bytes_done)
-        progress.emit("shard", file=file, index=index, total=len(plans), bytes=plans[file].out_bytes, sha256=out_digest)
-        return file, (out_digest, src_digest or known[file] or "")
+        progress.emit("shard", file=file, index=index, total=len(plans), bytes=plans[file].out_bytes, digest=out_digest)
+        return file, (out_digest, src_digest)
 
     with ThreadPoolExecutor(max_workers=max(1, n), thread_name_prefix="surgeon-shard") as pool:
         futures = [pool.submit(one, file) for file in plans]
@@ -446,10 +498,10 @@ def _manifest(
         # Expert indices are in the source's numbering.
         "dropped": {str(layer): list(d) for layer, d in sorted(drops.items())},
         "source_shards": [
-            {"file": f, "bytes": (ck.path / f).stat().st_size, "sha256": shard_results[f][1]} for f in plans
+            {"file": f, "bytes": (ck.path / f).stat().st_size, "digest": shard_results[f][1]} for f in plans
         ],
         "output_shards": [
-            {"file": f, "bytes": plans[f].out_bytes, "sha256": shard_results[f][0]} for f in plans
+            {"file": f, "bytes": plans[f].out_bytes, "digest": shard_results[f][0]} for f in plans
         ],
         "tensors": len(weight_map),
     }

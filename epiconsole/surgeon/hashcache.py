@@ -1,4 +1,4 @@
-"""A cache of source shard sha256 digests, so repeated surgeries on one source hash it once.
+"""A cache of source tensor sha256 digests, so repeated surgeries on one source hash it once.
 
 A matrix prunes the same 61 GB source 24 times; hashing it each time would cost more than the copy.
 The key is (real path, size, mtime in ns, inode): a source file rewritten in place gets a new mtime
@@ -37,23 +37,24 @@ class HashCache:
         self.path = path or cache_path()
         self.enabled = enabled
         self._entries = self._load() if enabled else {}
-        self._new: dict[str, str] = {}
+        self._new: dict[str, dict[str, str]] = {}
 
-    def _load(self) -> dict[str, str]:
+    def _load(self) -> dict[str, dict[str, str]]:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
-        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
+        return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
 
-    def get(self, path: Path) -> str | None:
+    def get(self, path: Path) -> dict[str, str] | None:
+        """Tensor name -> sha256 of its data, for this exact file version, if cached."""
         return self._entries.get(file_key(path)) if self.enabled else None
 
-    def put(self, path: Path, digest: str) -> None:
+    def put(self, path: Path, digests: dict[str, str]) -> None:
         if self.enabled:
             key = file_key(path)
-            self._entries[key] = digest
-            self._new[key] = digest
+            self._entries[key] = digests
+            self._new[key] = digests
 
     def save(self) -> None:
         if not self.enabled or not self._new:
@@ -63,7 +64,7 @@ class HashCache:
             merged = {**self._load(), **self._new}
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".hashes-")
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(merged, f, indent=0, sort_keys=True)
+                json.dump(merged, f, separators=(",", ":"))
             os.replace(tmp, self.path)
         except OSError:
             # The cache is an optimisation; failing to write it must not fail a surgery.

@@ -1,20 +1,20 @@
 """Checks on a surgery output: structure without torch, then (optionally) a generation with transformers.
 
-Structural checks read headers, the config, the index and the manifest, hash the shards against the
-manifest and scan the tensors the surgery touched (routers, zeroed experts) for NaN/Inf with numpy.
+Structural checks read headers, the config, the index and the manifest, recompute every shard's
+tree-sha256 digest (see digest.py) against the manifest and scan the tensors the surgery touched (routers, zeroed experts) for NaN/Inf with numpy.
 The generation check loads the model with transformers, applies the manifest's run-time mask if any,
 and generates a few tokens; it is skipped (and says so) when torch/transformers are not installed.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from epiconsole.errors import UserError
+from epiconsole.surgeon.digest import file_digests
 from epiconsole.surgeon.layout import Checkpoint, load_checkpoint
 from epiconsole.surgeon.progress import Progress
 from epiconsole.surgeon.safetensors_io import count_nonfinite, read_array
@@ -26,16 +26,6 @@ class Check:
     ok: bool
     detail: str = ""
     skipped: bool = False
-
-
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with path.open("rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def structural_checks(ck: Checkpoint, *, hashes: bool = True) -> list[Check]:
@@ -146,9 +136,9 @@ def _manifest_checks(ck: Checkpoint, *, hashes: bool) -> list[Check]:
             checks.append(Check("manifest shard sizes", True))
         if hashes:
             for file, entry in listed.items():
-                digest = sha256_file(ck.path / file)
-                if digest != entry.get("sha256"):
-                    checks.append(Check("manifest shard hashes", False, f"{file} sha256 differs from the manifest"))
+                digest, _ = file_digests(ck.path / file, ck.shards[file])
+                if digest != entry.get("digest"):
+                    checks.append(Check("manifest shard hashes", False, f"{file} digest differs from the manifest"))
                     break
             else:
                 checks.append(Check("manifest shard hashes", True, f"{len(listed)} shards"))
