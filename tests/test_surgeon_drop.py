@@ -284,3 +284,38 @@ def test_headless_commands_never_import_torch(tmp_path: Path, fp32: tuple[Path, 
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=os.environ)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_mixtral_keys_come_from_the_family_table(tmp_path: Path) -> None:
+    """Same surgery on Mixtral-style names (block_sparse_moe.gate, experts.{j}.w1/w2/w3, num_local_experts)."""
+    from epiconsole.surgeon.safetensors_io import read_array, read_header, write_arrays
+
+    src, prof = build(tmp_path, dtype="float32", shards=1)
+    rename = {"mlp.gate.": "block_sparse_moe.gate.", "mlp.experts.": "block_sparse_moe.experts.",
+              "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+    header = read_header(src / "model.safetensors")
+    arrays = {}
+    for info in header.tensors:
+        name = info.name
+        for a, b in rename.items():
+            name = name.replace(a, b)
+        arrays[name] = np.array(read_array(src / "model.safetensors", info))
+    mix = tmp_path / "mixtral"
+    mix.mkdir()
+    write_arrays(mix / "model.safetensors", arrays, {"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=config.pop("num_experts"))
+    (mix / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    result = drop_experts(mix, experts=2, layers="all", strategy="remove", profile=prof, out=out)
+    assert json.loads((out / "config.json").read_text())["num_local_experts"] == E - 2
+    new = load_file(str(out / "model.safetensors"))
+    for layer, kept in result.manifest["kept"].items():
+        for new_j, old_j in enumerate(kept):
+            np.testing.assert_array_equal(
+                new[f"model.layers.{layer}.block_sparse_moe.experts.{new_j}.w2.weight"],
+                arrays[f"model.layers.{layer}.block_sparse_moe.experts.{old_j}.w2.weight"],
+            )
+        gate = f"model.layers.{layer}.block_sparse_moe.gate.weight"
+        np.testing.assert_array_equal(new[gate], arrays[gate][kept])
+    assert load_checkpoint(out).family.name == "mixtral"
