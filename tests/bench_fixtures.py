@@ -25,7 +25,10 @@ def lab_config(seed: int = 42, time_scale: float = FAST_SCALE, **faults: float) 
     return dataclasses.replace(cfg, sim=sim)
 
 
-def make_lab(seed: int = 42, deployed: Deployed | None = Deployed("baseline"), **faults: float) -> SimLab:
+BASELINE = Deployed("baseline")
+
+
+def make_lab(seed: int = 42, deployed: Deployed | None = BASELINE, **faults: float) -> SimLab:
     lab = SimLab(lab_config(seed, **faults))
     lab.deployed = deployed
     return lab
@@ -45,13 +48,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def lab() -> SimLab:
+@pytest.fixture(name="lab")
+def lab_fixture() -> SimLab:
     return make_lab()
 
 
-@pytest.fixture
-async def sim_api(lab: SimLab) -> AsyncIterator[SimApi]:
+@pytest.fixture(name="sim_api")
+async def sim_api_fixture(lab: SimLab) -> AsyncIterator[SimApi]:
     api = SimApi(lab)
     await api.start(0)
     try:
@@ -60,4 +63,5 @@ async def sim_api(lab: SimLab) -> AsyncIterator[SimApi]:
         await api.stop()
 
 
-__all__ = ["FAST_SCALE", "PhysicsParams", "free_port", "lab", "lab_config", "make_lab", "set_accuracy", "sim_api"]
+__all__ = ["BASELINE", "FAST_SCALE", "PhysicsParams", "free_port", "lab_config", "lab_fixture", "make_lab",
+           "set_accuracy", "sim_api_fixture"]

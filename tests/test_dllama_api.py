@@ -19,7 +19,7 @@ from drivers.dllama_api import (
 )
 from epiconsole.benchmark.localdata import items
 from epiconsole.sim.api import SimApi
-from tests.bench_fixtures import free_port, lab, make_lab, set_accuracy, sim_api  # noqa: F401  (fixtures)
+from tests.bench_fixtures import free_port, lab_fixture, make_lab, set_accuracy, sim_api_fixture  # noqa: F401  (fixtures)
 
 
 class Probe:
@@ -84,10 +84,9 @@ async def test_stop_strings_are_applied_even_when_the_server_ignores_them():
     assert truncate_at_stop("B. Paris\nmore", ["\n", "."]) == "B"
     assert truncate_at_stop("no stop here", ["\n\n"]) == "no stop here"
     assert truncate_at_stop("x", None) == "x"
-    async with Probe(delay=0, body='{"choices":[{"message":{"content":"A\\nwhy"}}],'
-                     '"usage":{"prompt_tokens":5,"completion_tokens":3}}') as probe:
-        async with DllamaApi(probe.url, timeout_s=5) as api:
-            res = await api.chat(MSG, 8, stop=["\n"])
+    body = '{"choices":[{"message":{"content":"A\\nwhy"}}],"usage":{"prompt_tokens":5,"completion_tokens":3}}'
+    async with Probe(delay=0, body=body) as probe, DllamaApi(probe.url, timeout_s=5) as api:
+        res = await api.chat(MSG, 8, stop=["\n"])
     assert res.text == "A" and res.completion_tokens == 3
 
 

@@ -11,7 +11,7 @@ import pytest
 from epiconsole.benchmark.localdata import answer_key, items
 from epiconsole.sim.api import SimApi, classify, count_tokens, last_options, prompt_tokens
 from epiconsole.sim.physics import Deployed
-from tests.bench_fixtures import lab, make_lab, set_accuracy, sim_api  # noqa: F401  (fixtures)
+from tests.bench_fixtures import lab_fixture, make_lab, set_accuracy, sim_api_fixture  # noqa: F401  (fixtures)
 
 
 def mmlu_prompt(item, shots=()) -> str:
@@ -64,9 +64,8 @@ async def test_streaming_is_refused_and_logprobs_never_returned(sim_api):
 
 
 async def test_bad_bodies_are_400(sim_api):
-    async with aiohttp.ClientSession() as s:
-        async with s.post(f"{sim_api.url}/v1/chat/completions", data=b"{not json") as r:
-            assert r.status == 400
+    async with aiohttp.ClientSession() as s, s.post(f"{sim_api.url}/v1/chat/completions", data=b"{not json") as r:
+        assert r.status == 400
     status, _ = await post(sim_api, {"messages": []})
     assert status == 400
 
