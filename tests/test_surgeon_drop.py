@@ -319,3 +319,35 @@ def test_mixtral_keys_come_from_the_family_table(tmp_path: Path) -> None:
         gate = f"model.layers.{layer}.block_sparse_moe.gate.weight"
         np.testing.assert_array_equal(new[gate], arrays[gate][kept])
     assert load_checkpoint(out).family.name == "mixtral"
+
+
+def test_stale_temp_dirs_of_dead_runs_are_removed(tmp_path: Path, fp32: tuple[Path, Path]) -> None:
+    src, prof = fp32
+    stale = tmp_path / ".o.tmp-999999999"  # no such process
+    stale.mkdir()
+    (stale / "half.safetensors").write_bytes(b"x")
+    drop_experts(src, experts=1, layers="all", strategy="remove", profile=prof, out=tmp_path / "o")
+    assert not stale.exists() and (tmp_path / "o" / MANIFEST_NAME).exists()
+
+
+def test_sigterm_mid_copy_leaves_no_output(tmp_path: Path, fp32: tuple[Path, Path]) -> None:
+    src, prof = fp32
+    out = tmp_path / "o"
+    code = (
+        "import sys, time\nimport epiconsole.surgeon.drop as d\nfrom epiconsole.cli import main\n"
+        "real = d._write_all\n"
+        "def slow(fd, data):\n    time.sleep(0.05)\n    real(fd, data)\n"
+        "d._write_all = slow\n"
+        f"sys.exit(main(['surgeon', 'drop', {str(src)!r}, '--experts', '1', '--profile', {str(prof)!r}, "
+        f"'--out', {str(out)!r}, '--json', '--workers', '1']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["event"] == "start"
+        proc.terminate()
+        assert proc.wait(timeout=20) == 128 + 15
+    finally:
+        proc.kill()
+    assert not out.exists()
+    assert not list(tmp_path.glob(".o.tmp-*"))

@@ -110,3 +110,16 @@ def test_profile_then_drop_then_validate_from_the_cli(tmp_path: Path, capsys: py
     assert generation["ok"] and not generation["skipped"]
     checks = validate_checkpoint(out)
     assert all(c.ok for c in checks) and checks[-1].name == "generation"
+
+
+def test_validate_generation_fails_when_transformers_would_fill_in_missing_weights(tmp_path: Path) -> None:
+    from epiconsole.surgeon.safetensors_io import read_array, read_header, write_arrays
+
+    src, _ = build(tmp_path, dtype="float32", shards=1)
+    shard = src / "model.safetensors"
+    header = read_header(shard)
+    arrays = {t.name: read_array(shard, t) for t in header.tensors if t.name != "model.norm.weight"}
+    write_arrays(shard, arrays, {"format": "pt"})
+    checks = validate_checkpoint(src)
+    assert [c.name for c in checks if not c.ok] == ["generation"]
+    assert "missing keys" in checks[-1].detail and "norm" in checks[-1].detail

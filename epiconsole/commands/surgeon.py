@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 HELP = "DGX-side surgery: inspect a MoE checkpoint, profile its routers, drop experts, validate the result"
 
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from epiconsole.surgeon.progress import Progress
 
     progress = Progress(json_mode=args.json)
+    previous = _exit_cleanly_on_sigterm()
     try:
         return _dispatch(args, progress)
     except UserError as exc:
@@ -84,6 +86,22 @@ def run(args: argparse.Namespace) -> int:
         if args.json:  # the console still gets an event; the traceback goes to stderr
             progress.emit("error", message=f"internal error: {type(exc).__name__}: {exc}")
         raise
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_cleanly_on_sigterm() -> Any:
+    """Turn SIGTERM (an SSH session closed by the console) into SystemExit, so ``drop`` removes its
+    temporary output instead of leaving it behind; returns the previous handler (None off the main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
 def _dispatch(args: argparse.Namespace, progress) -> int:  # noqa: ANN001 - Progress imported lazily

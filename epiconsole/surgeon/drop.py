@@ -17,7 +17,7 @@ import shutil
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -358,9 +358,8 @@ def drop_experts(
         bytes=total_out,
     )
     cache = hash_cache or HashCache()
+    _remove_stale_temps(dst)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         shard_results = _run_all(ck, plans, tmp, cache, progress, total_tensors, workers)
@@ -381,6 +380,23 @@ def drop_experts(
     seconds = time.perf_counter() - t0
     progress.emit("done", out=str(dst), manifest=str(dst / MANIFEST_NAME), noop=False, seconds=round(seconds, 3))
     return DropResult(dst, manifest, False, seconds, total_out)
+
+
+def _remove_stale_temps(dst: Path) -> None:
+    """Delete temp dirs of earlier runs for this --out whose process is gone (killed, power loss)."""
+    for tmp in dst.parent.glob(f".{dst.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, someone else's process: leave it
+        else:
+            if int(pid) == os.getpid():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _run_all(
@@ -423,21 +439,20 @@ def _run_all(
         progress.emit("shard", file=file, index=index, total=len(plans), bytes=plans[file].out_bytes, digest=out_digest)
         return file, (out_digest, src_digest)
 
+    results: dict[str, tuple[str, str]] = {}
     with ThreadPoolExecutor(max_workers=max(1, n), thread_name_prefix="surgeon-shard") as pool:
         futures = [pool.submit(one, file) for file in plans]
-        results: dict[str, tuple[str, str]] = {}
-        first_error: BaseException | None = None
-        for fut in futures:
-            try:
+        try:
+            # The first failure (or an interrupt while waiting) stops every other shard at its
+            # next segment; the pool's exit then waits only for those short remainders.
+            for fut in as_completed(futures):
                 file, digests = fut.result()
                 results[file] = digests
-            except _Stopped:
-                continue
-            except BaseException as exc:
-                if first_error is None:
-                    first_error = exc
-    if first_error is not None:
-        raise first_error
+        except BaseException:
+            stop.set()
+            for fut in futures:
+                fut.cancel()
+            raise
     return results
 
 

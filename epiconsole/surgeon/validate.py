@@ -201,9 +201,15 @@ def generation_check(ck: Checkpoint, *, new_tokens: int = 4, device: str = "auto
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(ck.path), dtype=dtype).to(dev).eval()
+        model, info = AutoModelForCausalLM.from_pretrained(str(ck.path), dtype=dtype, output_loading_info=True)
     except Exception as exc:  # any load failure is the finding this check exists to report
         return Check("generation", False, f"transformers cannot load the model: {type(exc).__name__}: {exc}")
+    # transformers fills missing weights with random values and only warns: that is a failure here.
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(map(str, info.get(kind) or []))
+        if keys:
+            return Check("generation", False, f"transformers reports {kind.replace('_', ' ')}: {', '.join(keys[:3])}")
+    model = model.to(dev).eval()
     install_router_mask(model, masked_from_manifest(ck.manifest or {}))
     tokenizer = None
     try:
