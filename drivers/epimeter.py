@@ -507,7 +507,8 @@ class EpiMeter:
     Events are :class:`MeterSample`, :class:`MeterInfo`, :class:`MeterGap` and :class:`MeterState`,
     in wire order, through a bounded queue (one consumer; if it falls behind, the oldest events are
     dropped and counted). The port is reopened with exponential backoff (up to ``reconnect_max_s``)
-    whenever it fails, reaches EOF or its path vanishes.
+    whenever it fails, reaches EOF or its path vanishes. On every connect it asks for the info line
+    (``ask_info``), so :meth:`status` knows the board even when its boot-time line went unheard.
     """
 
     def __init__(
@@ -521,8 +522,10 @@ class EpiMeter:
         path_check_s: float = 0.5,
         queue_size: int = 65536,
         clock_window: int = 2048,
+        ask_info: bool = True,
     ) -> None:
         self.port = port
+        self.ask_info = ask_info
         self.baud = baud
         self.reconnect_max_s = reconnect_max_s
         self.reconnect_min_s = min(reconnect_min_s, reconnect_max_s)
@@ -690,7 +693,7 @@ class EpiMeter:
         while not self._closing:
             try:
                 proto = _Protocol(self)
-                await asyncio.wait_for(
+                transport, _ = await asyncio.wait_for(
                     serial_asyncio_fast.create_serial_connection(loop, lambda p=proto: p, url=self.port,
                                                                  baudrate=self.baud),
                     self.open_timeout_s,
@@ -701,10 +704,14 @@ class EpiMeter:
                 backoff = min(backoff * 2, self.reconnect_max_s)
                 continue
             backoff = self.reconnect_min_s
+            proto.transport = transport
             self._proto = proto
             self._connects += 1
             self._connected = True
             self._emit(MeterState(True, self.port, time.time(), "opened" if self._connects == 1 else "reconnected"))
+            if self.ask_info:
+                # The boot-time info line was sent before we listened (or to a previous host).
+                transport.write(command_line("info"))
             reason = await self._watch(proto)
             self._proto = None
             self._connected = False

@@ -11,6 +11,10 @@ second, so ``rate_hz * scale`` lines per real second, written in batches every ~
 timer per line. The board is modelled as powered from the AC side: it keeps ticking while unplugged
 (those ticks are never written, so the driver sees a seq jump on replug).
 
+Like a TinyUSB board, it sends nothing while no host holds the port open (DTR low): lines of those
+ticks are dropped at the source, so a host that opens the port never reads a stale backlog. The host
+asks for the info line when it connects.
+
 The info line carries ``"simulated": true`` and a ``-sim`` firmware version so nothing downstream can
 mistake these readings for measurements. ``emitted`` keeps what was written, for tests to compare.
 """
@@ -22,6 +26,7 @@ import contextlib
 import json
 import os
 import random
+import select
 import tempfile
 import tty
 from collections import deque
@@ -55,6 +60,8 @@ class MeterEmitted:
     lost_on_purpose: int = 0
     #: Ticks generated while unplugged (never sent).
     unplugged_ticks: int = 0
+    #: Ticks generated while plugged in but no host had the port open (never sent).
+    no_host_ticks: int = 0
     #: Lines dropped because nobody read the port and the board's buffer was full.
     dropped_unread: int = 0
     reboots: int = 0
@@ -89,10 +96,12 @@ class SimMeter:
         self.emitted = MeterEmitted(wh=[0.0] * channels)
         self._rng = random.Random(lab.cfg.sim.seed * 1_000_003 + 7)
         self._master: int | None = None
-        self._slave: int | None = None
         self._slave_name = ""
         self._out = bytearray()
         self._writing = False
+        self._reading = False
+        #: Batches in a row that found a host holding the port open.
+        self._host_batches = 0
         self._inbuf = bytearray()
         self._task: asyncio.Task[None] | None = None
         self._unplugged = False
@@ -214,6 +223,9 @@ class SimMeter:
         if self._unplugged:
             em.unplugged_ticks += 1
             return
+        if not self._host_ready():
+            em.no_host_ticks += 1
+            return
         faults = self.lab.faults
         if faults.lost_line_fraction > 0 and self._rng.random() < faults.lost_line_fraction:
             em.lost_on_purpose += 1
@@ -230,8 +242,9 @@ class SimMeter:
         n = self._rng.randint(1, 80)
         return bytes(self._rng.choice(_GARBAGE_BYTES) for _ in range(n)) + b"\n"
 
-    def _queue_line(self, line: bytes, count: str) -> bool:
-        if self._unplugged:
+    def _queue_line(self, line: bytes, count: str, answer: bool = False) -> bool:
+        # An answer goes out as soon as the host is there: it asked, so its port is open and set up.
+        if self._unplugged or not (self._host_ready() or (answer and self._host_batches > 0)):
             return False
         if len(self._out) + len(line) > OUT_CAP:
             self.emitted.dropped_unread += 1
@@ -250,7 +263,8 @@ class SimMeter:
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            return  # no slave side open; nothing to read
+            self._host_gone()  # EIO: the host closed the port; stop the selector from spinning on HUP
+            return
         self._inbuf += data
         while True:
             nl = self._inbuf.find(b"\n")
@@ -259,7 +273,7 @@ class SimMeter:
             line = bytes(self._inbuf[:nl]).strip()
             del self._inbuf[: nl + 1]
             if line:
-                self._queue_line(*self._answer(line))
+                self._queue_line(*self._answer(line), answer=True)
         if len(self._inbuf) > 4096:
             self._inbuf.clear()  # a real board's command buffer is small too
         self._flush()
@@ -291,10 +305,12 @@ class SimMeter:
         master, slave = os.openpty()
         # Raw mode: the line discipline must neither echo commands back nor translate newlines.
         tty.setraw(slave)
-        tty.setraw(master)
         os.set_blocking(master, False)
-        self._master, self._slave = master, slave
         self._slave_name = os.ttyname(slave)
+        # Only the host holds the slave side, so the master reports HUP while no host has it open.
+        os.close(slave)
+        self._master = master
+        self._host_batches = 0
         assert self.dir is not None
         link = self.dir / self.name
         tmp = self.dir / f".{self.name}.new"
@@ -303,8 +319,6 @@ class SimMeter:
         os.symlink(self._slave_name, tmp)
         os.replace(tmp, link)  # atomic: the path never points at a dead pty
         self._inbuf.clear()
-        with contextlib.suppress(RuntimeError):
-            asyncio.get_running_loop().add_reader(master, self._on_readable)
 
     def _close_pty(self) -> None:
         if self.dir is not None:
@@ -313,17 +327,44 @@ class SimMeter:
                 if os.readlink(link) == self._slave_name:
                     link.unlink()
         if self._master is not None:
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().remove_reader(self._master)
-                asyncio.get_running_loop().remove_writer(self._master)
-            self._writing = False
+            self._host_gone()
             with contextlib.suppress(OSError):
                 os.close(self._master)
-        if self._slave is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._slave)
-        self._master = self._slave = None
+        self._master = None
         self._out.clear()  # bytes in flight die with the cable
+
+    def _poll_host(self) -> None:
+        """Once per batch: is a host holding the port open (no HUP on the master)?"""
+        master = self._master
+        if master is None:
+            return
+        p = select.poll()
+        p.register(master, select.POLLIN)
+        present = not any(ev & select.POLLHUP for _, ev in p.poll(0))
+        if not present:
+            if self._host_batches:
+                self._host_gone()
+            return
+        self._host_batches += 1
+        if not self._reading:
+            asyncio.get_running_loop().add_reader(master, self._on_readable)
+            self._reading = True
+
+    def _host_ready(self) -> bool:
+        # One whole batch after the host opened the port, like a board waiting for DTR: pyserial
+        # flushes the input queue while it opens, which would eat lines written in that instant.
+        return self._master is not None and self._host_batches >= 2
+
+    def _host_gone(self) -> None:
+        self._host_batches = 0
+        master = self._master
+        if master is not None and (self._reading or self._writing):
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(master)
+            loop.remove_writer(master)
+        self._reading = self._writing = False
+        self._out.clear()
+        self._inbuf.clear()
 
     def _apply_plug(self) -> None:
         want = self.lab.faults.meter_unplugged
@@ -341,7 +382,7 @@ class SimMeter:
     def _flush(self) -> None:
         """Write what the port takes now; the rest waits for the pty to drain (a writer callback)."""
         master = self._master
-        if master is None:
+        if master is None or not self._host_batches:
             return
         while self._out:
             try:
@@ -365,6 +406,7 @@ class SimMeter:
         try:
             while True:
                 self._apply_plug()
+                self._poll_host()
                 if self.lab.faults.meter_reboot_requested:
                     self.lab.faults.meter_reboot_requested = False
                     self.reboot()
