@@ -123,3 +123,46 @@ def test_validate_generation_fails_when_transformers_would_fill_in_missing_weigh
     checks = validate_checkpoint(src)
     assert [c.name for c in checks if not c.ok] == ["generation"]
     assert "missing keys" in checks[-1].detail and "norm" in checks[-1].detail
+
+
+def _to_mixtral(src: Path, dst: Path) -> Path:
+    """Rewrite a synthetic Qwen3-MoE checkpoint as a Mixtral one (block_sparse_moe, w1/w2/w3)."""
+    from epiconsole.surgeon.safetensors_io import read_array, read_header, write_arrays
+
+    rename = {"mlp.gate.": "block_sparse_moe.gate.", "mlp.experts.": "block_sparse_moe.experts.",
+              "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+    header = read_header(src / "model.safetensors")
+    arrays = {}
+    for info in header.tensors:
+        if "_norm." in info.name and "self_attn" in info.name:
+            continue  # Mixtral has no q/k norms
+        name = info.name
+        for a, b in rename.items():
+            name = name.replace(a, b)
+        arrays[name] = read_array(src / "model.safetensors", info)
+    dst.mkdir()
+    write_arrays(dst / "model.safetensors", arrays, {"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=cfg.pop("num_experts"),
+               intermediate_size=cfg.pop("moe_intermediate_size"), sliding_window=None)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (dst / f).write_bytes((src / f).read_bytes())
+    return dst
+
+
+def test_mixtral_profile_and_remove_match_transformers(tmp_path: Path) -> None:
+    src, _ = build(tmp_path, dtype="float32", shards=1, experts=8, top_k=2, layers=2, seed=4)
+    mix = _to_mixtral(src, tmp_path / "mixtral")
+    profile = profile_checkpoint(mix, [("t", TEXT)], max_tokens=120, seq_len=50, batch_size=2, device="cpu")
+    assert profile["tokens"] == 120 and all(sum(c) == 240 for c in profile["layers"].values())
+    prof = tmp_path / "mix-profile.json"
+    prof.write_text(json.dumps(profile))
+    out = tmp_path / "mix-out"
+    result = drop_experts(mix, experts=3, layers="all", strategy="remove", profile=prof, out=out)
+    original = transformers.MixtralForCausalLM.from_pretrained(str(mix), dtype=torch.float32).eval()
+    pruned = transformers.MixtralForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert pruned.config.num_local_experts == 5
+    ids = torch.randint(3, 60, (2, 16), generator=torch.Generator().manual_seed(3))
+    install_router_mask(original, {int(k): v for k, v in result.manifest["dropped"].items()})
+    torch.testing.assert_close(logits(pruned, ids), logits(original, ids), atol=1e-5, rtol=1e-5)

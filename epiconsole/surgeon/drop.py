@@ -29,7 +29,7 @@ from epiconsole.surgeon.hashcache import HashCache
 from epiconsole.surgeon.layout import INDEX_NAME, MANIFEST_NAME, Checkpoint, load_checkpoint
 from epiconsole.surgeon.progress import Progress
 from epiconsole.surgeon.ranking import load_profile, plan_drops
-from epiconsole.surgeon.safetensors_io import OutTensor, encode_header, read_header
+from epiconsole.surgeon.safetensors_io import OutTensor, encode_header
 
 MANIFEST_FORMAT = "epiconsole-surgery/1"
 CHUNK = 16 << 20  # bytes per read/write: large enough that syscall overhead vanishes
@@ -223,8 +223,9 @@ def _run_shard(
             os.close(dfd)
     finally:
         os.close(sfd)
-    header = read_header(src)
-    src_digest = shard_digest(src_head, [src_digests[t.name] for t in header.tensors])
+    # Segments walk the source in file order, so their tensor names give the source's tensor order.
+    order = [seg.tensor for seg in plan.segments if seg.ends_tensor]
+    src_digest = shard_digest(src_head, [src_digests[name] for name in order])
     return shard_digest(plan.header, out_digests), src_digest, src_digests
 
 
