@@ -9,8 +9,9 @@ real paths, tilde expansion, subshells, here-documents.
 
 Handlers answer the lab's default command templates the way a Raspberry Pi 5 or the DGX does, reading
 and changing the shared :class:`~epiconsole.sim.state.SimLab`. Only fixed system paths are virtual:
-``/sys`` and ``/proc`` files (governor, load average, the DS18B20), and ``/tmp``, which is private per
-machine (a directory under the lab dir) so the four simulated Pis' log files do not collide. Every
+``/sys`` and ``/proc`` files (governor, load average, the DS18B20), and files directly in ``/tmp``, which
+are private per machine (a directory under the lab dir) so the four simulated Pis' log files do not
+collide. Every
 other path is a real path on this machine (the simulated lab's config points them into its directory).
 
 Every command runs as a task registered in its :class:`Machine`'s process table, so ``pkill -f`` finds
@@ -393,9 +394,10 @@ class Shell:
     # -- paths -----------------------------------------------------------------------------------
 
     def path(self, arg: str) -> Path:
-        """A real path for an argument: /tmp is private to the machine, relative paths use the cwd."""
-        if arg == "/tmp" or arg.startswith("/tmp/"):
-            return self.m.tmp / arg[len("/tmp"):].lstrip("/")
+        """A real path for an argument: files directly in /tmp are private to the machine (deeper paths,
+        such as the lab's own temporary directory, stay real); relative paths use the cwd."""
+        if arg.startswith("/tmp/") and "/" not in arg[len("/tmp/"):]:
+            return self.m.tmp / arg[len("/tmp/"):]
         p = Path(arg)
         return p if p.is_absolute() else self.cwd / p
 
