@@ -100,10 +100,11 @@ def _row_runs(rows: int, dropped: Sequence[int]) -> list[tuple[bool, int, int]]:
 def build_plans(ck: Checkpoint, drops: Mapping[int, Sequence[int]], strategy: str) -> dict[str, ShardPlan]:
     """Segment plans for every shard, plus renamed/reshaped output tensors."""
     fam = ck.family
-    # (layer, expert) -> action for expert tensors; kept experts get new indices under remove.
+    # layer -> {source expert: output expert}; under remove the survivors close ranks in order.
     renumber: dict[int, dict[int, int]] = {}
     for layer, dropped in drops.items():
-        kept = [j for j in range(ck.moe_layers[layer].num_experts) if j not in set(dropped)]
+        gone = set(dropped)
+        kept = [j for j in range(ck.moe_layers[layer].num_experts) if j not in gone]
         renumber[layer] = {old: new for new, old in enumerate(kept)}
     router_of: dict[str, int] = {}
     expert_of: dict[str, tuple[int, int, str]] = {}
