@@ -1,0 +1,58 @@
+"""The frame every top-level screen shares: top bar, body, footer, and the render hook the app calls."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
+
+from textual.app import ComposeResult
+from textual.screen import Screen
+from textual.widgets import Footer
+
+from screens.widgets import TopBar
+
+if TYPE_CHECKING:
+    from screens.app import EpiConsoleApp
+
+
+class ConsoleScreen(Screen[None]):
+    """A top-level mode. Subclasses implement :meth:`body` and :meth:`render_body`."""
+
+    SCREEN_TITLE = ""
+
+    @property
+    def console(self) -> EpiConsoleApp:
+        return cast("EpiConsoleApp", self.app)
+
+    def compose(self) -> ComposeResult:
+        yield TopBar()
+        yield from self.body()
+        yield Footer()
+
+    def body(self) -> ComposeResult:
+        raise NotImplementedError
+
+    def on_mount(self) -> None:
+        self.render_state()
+
+    def on_screen_resume(self) -> None:
+        # Screens that were hidden skipped redraws: catch up with the latest state.
+        self.render_state()
+
+    def render_state(self) -> None:
+        """Redraw from the app's latest state (the app calls this for the visible screen only)."""
+        app = self.console
+        live = app.state.live
+        sim_color = app.theme_variables.get("badge-sim", "orange")
+        self.query_one(TopBar).show(
+            self.SCREEN_TITLE,
+            live.service.lab_name,
+            app.simulated,
+            not app.options.allow_control,
+            live.run.state,
+            app.problem,
+            sim_color,
+        )
+        self.render_body()
+
+    def render_body(self) -> None:
+        raise NotImplementedError

@@ -1,0 +1,75 @@
+"""Log controller: the ledger's event stream, read incrementally into a bounded buffer, filtered by
+level and text."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from epiconsole.ledger import Event
+from screens.controllers import fmt
+from screens.controllers.source import DataSource
+
+LEVELS = ("debug", "info", "warning", "error")
+BUFFER = 5000
+
+
+@dataclass(frozen=True)
+class LogLine:
+    id: int
+    time: str
+    level: str
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True)
+class LogView:
+    lines: tuple[LogLine, ...]
+    shown: int
+    total: int
+    min_level: str
+    text: str
+
+
+class LogController:
+    def __init__(self, buffer: int = BUFFER) -> None:
+        self._events: deque[Event] = deque(maxlen=buffer)
+        self._last_id = 0
+        self.min_level = "info"
+        self.text = ""
+
+    @property
+    def last_id(self) -> int:
+        return self._last_id
+
+    async def poll(self, source: DataSource) -> list[Event]:
+        """Read events newer than the last seen; returns the new ones (oldest first)."""
+        if self._last_id == 0:
+            new = await source.last_events(500)
+        else:
+            new = await source.events_after(self._last_id, 1000)
+        for e in new:
+            self._events.append(e)
+        if new:
+            self._last_id = new[-1].id
+        return new
+
+    def cycle_level(self) -> str:
+        self.min_level = LEVELS[(LEVELS.index(self.min_level) + 1) % len(LEVELS)]
+        return self.min_level
+
+    def matches(self, e: Event) -> bool:
+        if LEVELS.index(e.level) < LEVELS.index(self.min_level) if e.level in LEVELS else False:
+            return False
+        if self.text:
+            needle = self.text.lower()
+            return needle in e.message.lower() or needle in e.kind.lower()
+        return True
+
+    def line(self, e: Event) -> LogLine:
+        return LogLine(e.id, fmt.clock(e.t), e.level, e.kind, e.message)
+
+    def view(self) -> LogView:
+        lines = tuple(self.line(e) for e in self._events if self.matches(e))
+        return LogView(lines, len(lines), len(self._events), self.min_level, self.text)

@@ -1,0 +1,92 @@
+"""Dashboard: a tile per node with large live watts, cluster totals, the current stage and the lab's
+health (ambient, meter)."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Container, Horizontal, Vertical
+from textual.widgets import Digits, ProgressBar, Static
+
+from screens.base import ConsoleScreen
+from screens.controllers.dashboard import DashboardView
+from screens.widgets import NodeTile
+
+
+class DashboardScreen(ConsoleScreen):
+    SCREEN_TITLE = "Dashboard"
+
+    def body(self) -> ComposeResult:
+        with Container(id="tiles"):
+            for i in range(len(self.console.options.node_order) or 4):
+                yield NodeTile(i)
+        with Horizontal(id="panels"):
+            with Vertical(id="cluster", classes="panel"):
+                with Horizontal(classes="big-row"):
+                    yield Digits("—", id="cluster-w")
+                    yield Static("W cluster", classes="unit")
+                yield Static("", id="cluster-text", classes="line")
+                yield Static("", id="energy", classes="line")
+            with Vertical(id="run", classes="panel"):
+                yield Static("", id="run-line", classes="line")
+                yield Static("", id="stage-line", classes="line")
+                yield ProgressBar(total=100, show_eta=False, id="stage-progress")
+                yield Static("", id="trials-line", classes="line")
+            with Vertical(id="lab", classes="panel"):
+                yield Static("", id="ambient", classes="line")
+                yield Static("", id="meter", classes="line")
+                yield Static("", id="service", classes="line")
+
+    def on_mount(self) -> None:
+        self.query_one("#cluster").border_title = "Cluster"
+        self.query_one("#run").border_title = "Run"
+        self.query_one("#lab").border_title = "Lab"
+        super().on_mount()
+
+    def render_body(self) -> None:
+        app = self.console
+        v: DashboardView = app.dashboard_ctl.view(app.state, app.options.clock(), attached=app.options.attached)
+        tiles = list(self.query(NodeTile))
+        for tile, tv in zip(tiles, v.tiles, strict=False):
+            tile.display = True
+            tile.show(tv)
+        for tile in tiles[len(v.tiles):]:
+            tile.display = bool(not v.tiles)  # before the first reading, keep empty tiles as placeholders
+        self.query_one("#cluster-w", Digits).update(v.cluster_w)
+        self.query_one("#cluster-text", Static).update(Text(f"{v.cluster_w} W cluster", style="bold"))
+        energy = Text()
+        energy.append("window ", style="dim")
+        energy.append(v.window_j, style="bold")
+        energy.append("  ")
+        energy.append(v.live_jpt, style="bold")
+        energy.append(f"  {v.window_tokens}", style="dim")
+        self.query_one("#energy", Static).update(energy)
+        run = Text()
+        run.append(v.run_state.upper(), style="bold reverse" if v.run_state not in ("idle", "finished") else "bold")
+        run.append(f"  {v.run_line}")
+        self.query_one("#run-line", Static).update(run)
+        stage = Text()
+        stage.append("stage ", style="dim")
+        stage.append(v.stage, style="bold")
+        if v.countdown:
+            stage.append(f"  {v.countdown}")
+        if v.suspender:
+            stage.append(f"  SUSPENDED: {v.suspender}", style="bold reverse")
+        self.query_one("#stage-line", Static).update(stage)
+        bar = self.query_one("#stage-progress", ProgressBar)
+        # An indeterminate bar animates forever (CPU, unstable snapshots): hide it when progress is unknown.
+        bar.display = v.stage_progress is not None
+        if v.stage_progress is not None:
+            bar.update(total=100, progress=round(100 * v.stage_progress, 1))
+        self.query_one("#trials-line", Static).update(f"repetitions {v.trials}  ETA {v.eta}")
+        amb = Text()
+        amb.append("ambient ", style="dim")
+        amb.append(v.ambient, style="bold" if v.ambient_ok is not False else "bold reverse")
+        if v.ambient_ok is False:
+            amb.append(" out of band", style="bold")
+        self.query_one("#ambient", Static).update(amb)
+        meter = Text()
+        meter.append("meter ", style="dim")
+        meter.append(v.meter, style="" if v.meter_ok else "bold")
+        self.query_one("#meter", Static).update(meter)
+        self.query_one("#service", Static).update(Text(v.service, style="dim"))

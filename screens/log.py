@@ -1,0 +1,77 @@
+"""Log: the ledger's event stream, filterable by level (``v``) and by text (``/``)."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.widgets import Input, RichLog, Static
+
+from screens.base import ConsoleScreen
+
+LEVEL_STYLE = {"debug": "dim", "info": "", "warning": "node-warn", "error": "node-fault"}
+
+
+class LogScreen(ConsoleScreen):
+    SCREEN_TITLE = "Log"
+    BINDINGS = [
+        Binding("v", "cycle_level", "Level", id="log_level"),
+        Binding("slash", "filter", "Filter", id="log_filter", key_display="/"),
+        Binding("escape", "clear_filter", "Clear filter", id="log_clear", show=False),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._shown_key: tuple[int, str, str, str] | None = None
+
+    def body(self) -> ComposeResult:
+        with Horizontal(id="log-bar"):
+            yield Static("", id="log-status", classes="line")
+            yield Input(placeholder="filter text (/)", id="log-input")
+        yield RichLog(id="log-view", wrap=False, markup=False, max_lines=5000, auto_scroll=True)
+
+    def on_mount(self) -> None:
+        inp = self.query_one(Input)
+        inp.cursor_blink = self.console.options.animate
+        super().on_mount()
+
+    def render_body(self) -> None:
+        ctl = self.console.log_ctl
+        key = (ctl.last_id, ctl.min_level, ctl.text, self.console.theme)
+        if key == self._shown_key:
+            return
+        self._shown_key = key
+        v = ctl.view()
+        self.query_one("#log-status", Static).update(
+            Text(f"level ≥ {v.min_level} · {v.shown}/{v.total} events", style="bold")
+        )
+        log = self.query_one(RichLog)
+        log.clear()
+        vars_ = self.app.theme_variables
+        for line in v.lines[-1000:]:
+            t = Text(no_wrap=True)
+            t.append(f"{line.time} ", style="dim")
+            style = LEVEL_STYLE.get(line.level, "")
+            t.append(f"{line.level.upper():<7} ", style=f"bold {vars_.get(style, style)}")
+            t.append(f"{line.kind:<12} ", style="bold")
+            t.append(line.message)
+            log.write(t)
+
+    def action_cycle_level(self) -> None:
+        self.console.log_ctl.cycle_level()
+        self.render_body()
+
+    def action_filter(self) -> None:
+        self.query_one(Input).focus()
+
+    def action_clear_filter(self) -> None:
+        inp = self.query_one(Input)
+        inp.value = ""
+        self.console.log_ctl.text = ""
+        self.query_one(RichLog).focus()
+        self.render_body()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self.console.log_ctl.text = event.value
+        self.render_body()

@@ -1,0 +1,41 @@
+"""What a console instance is configured with (one value, so the CLI, the web view and the tests build
+the app the same way)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from screens.controllers.source import DataSource
+
+
+@dataclass(frozen=True)
+class ConsoleOptions:
+    #: Builds the data source inside the app's event loop (aiosqlite connections belong to a loop).
+    source_factory: Callable[[], DataSource]
+    node_order: tuple[str, ...] = ("pi0", "pi1", "pi2", "pi3")
+    root: str = "pi0"
+    #: Meter channel id (string) -> node name, for the detail view's traces.
+    channels: Mapping[str, str] = field(default_factory=lambda: {str(i): f"pi{i}" for i in range(4)})
+    temp_max_c: float = 80.0
+    tolerance_pts: float = 1.0
+    allow_control: bool = True
+    theme: str = "epi-dark"
+    #: Binding id -> key (``[ui] keys`` in the lab config).
+    keys: Mapping[str, str] = field(default_factory=dict)
+    user_theme_dir: Path | None = None
+    #: True when this console attached to a service another process runs.
+    attached: bool = False
+    #: Live state poll rate; 0 turns polling off (snapshot tests refresh by hand).
+    poll_hz: float = 5.0
+    #: The results table changes at stage boundaries only: read it every this many polls.
+    results_every: int = 5
+    #: Chart redraw rate (charts redraw only when visible and only when their data changed).
+    chart_hz: float = 2.0
+    clock: Callable[[], float] = time.time
+    #: Off in snapshot tests: no cursor blink, no animations.
+    animate: bool = True
+    #: A message shown once at start (e.g. "started the lab service, pid 1234").
+    banner: str = ""

@@ -1,0 +1,95 @@
+"""Widgets shared by the screens: the top bar with the SIMULATED badge and the per-node tile."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import Digits, Sparkline, Static
+
+from screens.controllers.dashboard import NodeTileView
+
+
+class TopBar(Static):
+    """One line: app and screen name, lab, badges (SIMULATED, VIEW-ONLY), run state. No clock: the
+    screen must be the same for the same lab state (snapshots)."""
+
+    DEFAULT_CSS = """
+    TopBar { height: 1; width: 1fr; background: $panel; color: $foreground; }
+    """
+
+    def show(self, screen_title: str, lab: str, simulated: bool, view_only: bool, run_state: str,
+             problem: str, sim_color: str) -> None:
+        t = Text(no_wrap=True, overflow="ellipsis")
+        t.append(" EPICONSOLE ", style="bold reverse")
+        t.append(f" {screen_title} ", style="bold")
+        if simulated:
+            t.append(" SIMULATED ", style=f"bold reverse {sim_color}")
+            t.append(" ")
+        if view_only:
+            t.append(" VIEW-ONLY ", style="bold reverse")
+            t.append(" ")
+        if problem:
+            t.append(f" {problem} ", style="bold reverse red")
+            t.append(" ")
+        t.append(f"run: {run_state}", style="bold")
+        if lab:
+            t.append(f" · {lab}")
+        self.update(t)
+
+
+class NodeTile(Vertical):
+    """A node's live figures: large watts, electrical details, health and a sparkline."""
+
+    DEFAULT_CSS = """
+    NodeTile { border: round $node-ok; padding: 0 1; height: 1fr; }
+    NodeTile.-warn { border: heavy $node-warn; }
+    NodeTile.-fault { border: heavy $node-fault; }
+    NodeTile.-unknown { border: round $stage-idle; }
+    NodeTile .watts-row { height: 3; }
+    NodeTile Digits { width: auto; }
+    NodeTile .unit { width: auto; padding: 1 0 0 1; text-style: bold; }
+    NodeTile .line { height: 1; }
+    NodeTile Sparkline { height: 1fr; min-height: 1; max-height: 10; margin-top: 1; }
+    NodeTile .spark-caption { height: 1; color: $foreground 60%; }
+    """
+
+    def __init__(self, index: int) -> None:
+        super().__init__(id=f"tile-{index}", classes=f"series-{index % 4}")
+        self.index = index
+
+    def compose(self) -> ComposeResult:
+        from textual.containers import Horizontal
+
+        with Horizontal(classes="watts-row"):
+            yield Digits("—", classes="watts")
+            yield Static("W", classes="unit")
+        yield Static("", classes="line watts-text")
+        yield Static("", classes="line mean")
+        yield Static("", classes="line elec")
+        yield Static("", classes="line health")
+        yield Static("", classes="line gov")
+        yield Static("", classes="line throttle")
+        yield Sparkline([], summary_function=max)
+        yield Static("", classes="spark-caption")
+
+    def show(self, v: NodeTileView) -> None:
+        self.border_title = f"{v.name} · {v.role}"
+        self.border_subtitle = v.health.upper() if v.health != "ok" else ""
+        for h in ("warn", "fault", "unknown"):
+            self.set_class(v.health == h, f"-{h}")
+        self.query_one(".watts", Digits).update(v.watts)
+        self.query_one(".watts-text", Static).update(f"{v.watts} W   (10 s mean {v.mean_10s})")
+        self.query_one(".mean", Static).update(f"10 s mean {v.mean_10s}")
+        self.query_one(".elec", Static).update(f"{v.volts}  {v.amps}  PF {v.pf}")
+        self.query_one(".health", Static).update(f"{v.temp}  {v.clock}")
+        self.query_one(".gov", Static).update(f"governor {v.governor}")
+        throttle = self.query_one(".throttle", Static)
+        throttle.update(v.throttle)
+        throttle.set_class(v.throttle.startswith(("THROTTLED", "unreachable")), "bad")
+        spark = self.query_one(Sparkline)
+        data = list(v.spark)
+        if spark.data != data:
+            spark.data = data
+        caption = f"last 3 min  {min(data):.1f}–{max(data):.1f} W" if data else "no recent samples"
+        self.query_one(".spark-caption", Static).update(caption)
