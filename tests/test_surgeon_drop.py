@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -250,6 +251,38 @@ def test_validate_catches_a_corrupted_output(tmp_path: Path, fp32: tuple[Path, P
     assert failed == {"manifest shard hashes", "finite values"}
 
 
+def test_cli_validate_failure_is_exit_1_with_an_error_event(
+    tmp_path: Path, fp32: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, prof = fp32
+    out = tmp_path / "o"
+    drop_experts(src, experts=1, layers="all", strategy="zero", profile=prof, out=out)
+    ck = load_checkpoint(out)
+    name = ck.moe_layers[0].experts[ck.manifest["dropped"]["0"][0]]["up_proj.weight"]
+    shard, info = ck.tensors[name]
+    with open(out / shard, "r+b") as f:  # a zeroed expert that is not zero any more
+        f.seek(info.begin)
+        f.write(np.array([1.0], np.float32).tobytes())
+    capsys.readouterr()
+    assert main(["surgeon", "validate", str(out), "--no-generate", "--json"]) == 1
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert events[-2]["event"] == "error" and events[-2]["message"].startswith("validation failed: manifest shard hashes")
+    assert events[-1]["event"] == "done" and set(events[-1]["failed"]) == {"manifest shard hashes", "manifest: experts zeroed"}
+
+
+def test_hash_cache_forgets_sources_that_are_gone(tmp_path: Path, fp32: tuple[Path, Path]) -> None:
+    import shutil
+
+    src, prof = fp32
+    cache = Path(os.environ["EPICONSOLE_SURGEON_CACHE"])
+    drop_experts(src, experts=1, layers="all", strategy="remove", profile=prof, out=tmp_path / "a")
+    other, other_prof = build(tmp_path, "other", seed=1)
+    shutil.rmtree(src)
+    drop_experts(other, experts=1, layers="all", strategy="remove", profile=other_prof, out=tmp_path / "b")
+    keys = json.loads(cache.read_text())
+    assert len(keys) == 2 and all(k.startswith(str(other.resolve())) for k in keys)
+
+
 def test_cli_json_events_and_exit_codes(tmp_path: Path, fp32: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     src, prof = fp32
     out = tmp_path / "o"
@@ -330,7 +363,8 @@ def test_stale_temp_dirs_of_dead_runs_are_removed(tmp_path: Path, fp32: tuple[Pa
     assert not stale.exists() and (tmp_path / "o" / MANIFEST_NAME).exists()
 
 
-def test_sigterm_mid_copy_leaves_no_output(tmp_path: Path, fp32: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_cancelled_job_leaves_no_output(tmp_path: Path, fp32: tuple[Path, Path], signum: int) -> None:
     src, prof = fp32
     out = tmp_path / "o"
     code = (
@@ -345,8 +379,8 @@ def test_sigterm_mid_copy_leaves_no_output(tmp_path: Path, fp32: tuple[Path, Pat
     try:
         assert proc.stdout is not None
         assert json.loads(proc.stdout.readline())["event"] == "start"
-        proc.terminate()
-        assert proc.wait(timeout=20) == 128 + 15
+        proc.send_signal(signum)
+        assert proc.wait(timeout=20) == 128 + signum
     finally:
         proc.kill()
     assert not out.exists()

@@ -87,21 +87,28 @@ def run(args: argparse.Namespace) -> int:
             progress.emit("error", message=f"internal error: {type(exc).__name__}: {exc}")
         raise
     finally:
-        if previous is not None:
-            import signal
+        import signal
 
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be restored
+                signal.signal(signum, handler)
 
 
-def _exit_cleanly_on_sigterm() -> Any:
-    """Turn SIGTERM (an SSH session closed by the console) into SystemExit, so ``drop`` removes its
-    temporary output instead of leaving it behind; returns the previous handler (None off the main thread)."""
+def _exit_cleanly_on_sigterm() -> dict[int, Any]:
+    """Turn SIGTERM/SIGHUP (a job cancelled by the console) into SystemExit, so ``drop`` removes its
+    temporary output instead of leaving it behind; returns the previous handlers (none off the main
+    thread, where handlers cannot be set)."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+        return {}
+    # The console runs jobs under a pty: cancelling one hangs up the remote shell (SIGHUP).
+    return {signum: signal.signal(signum, _exit_on_signal) for signum in (signal.SIGTERM, signal.SIGHUP)}
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    sys.exit(128 + signum)
 
 
 def _dispatch(args: argparse.Namespace, progress) -> int:  # noqa: ANN001 - Progress imported lazily
@@ -152,6 +159,10 @@ def _dispatch(args: argparse.Namespace, progress) -> int:  # noqa: ANN001 - Prog
         checks = validate_checkpoint(args.dir, generate=not args.no_generate, hashes=not args.quick, progress=progress)
         ok = all(c.ok for c in checks)
         failed = [c.name for c in checks if not c.ok]
+        if failed:
+            first = next(c for c in checks if not c.ok)
+            # One sentence the console can show as the stage's failure reason.
+            progress.emit("error", message=f"validation failed: {first.name}: {first.detail}")
         progress.emit("done", out=str(args.dir), ok=ok, failed=failed)
         return 0 if ok else 1
     if action == "synth":

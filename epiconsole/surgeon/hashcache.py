@@ -3,7 +3,8 @@
 A matrix prunes the same 61 GB source 24 times; hashing it each time would cost more than the copy.
 The key is (real path, size, mtime in ns, inode): a source file rewritten in place gets a new mtime
 and is hashed again. The cache lives in ``$EPICONSOLE_SURGEON_CACHE`` or the XDG cache dir and is
-written atomically; a missing or corrupt cache only costs a re-hash.
+written atomically, dropping entries whose file is gone or changed; a missing or corrupt cache
+only costs a re-hash.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class HashCache:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            merged = {**self._load(), **self._new}
+            merged = {k: v for k, v in {**self._load(), **self._new}.items() if _still_valid(k)}
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".hashes-")
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(merged, f, separators=(",", ":"))
@@ -69,3 +70,13 @@ class HashCache:
         except OSError:
             # The cache is an optimisation; failing to write it must not fail a surgery.
             pass
+
+
+def _still_valid(key: str) -> bool:
+    """Whether a cache key still describes a file on disk; stale entries (deleted or rewritten
+    sources, the simulated lab's temporary checkpoints) are dropped so the cache stays small."""
+    path = key.split("|", 1)[0]
+    try:
+        return file_key(Path(path)) == key
+    except OSError:
+        return False
