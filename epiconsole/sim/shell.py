@@ -1055,10 +1055,9 @@ async def _convert_model(sh: Shell, args: list[str], io: Io) -> int:
         await io.err(f"json.decoder.JSONDecodeError: {exc}\n")
         return 1
     request = manifest.get("request") or {}
-    profile = manifest.get("profile") or {}
+    # The simulated lab models Qwen3-30B-A3B whatever the tiny stand-in checkpoint is called.
     deployed = Deployed(
         config_id=name,
-        model=str(profile.get("model") or "Qwen3-30B-A3B"),
         experts=int(request.get("experts") or 0),
         target=request.get("layers") if manifest else None,
         strategy=(manifest.get("strategy") or request.get("strategy")) if manifest else None,
