@@ -359,6 +359,7 @@ def test_stale_temp_dirs_of_dead_runs_are_removed(tmp_path: Path, fp32: tuple[Pa
     stale = tmp_path / ".o.tmp-999999999"  # no such process
     stale.mkdir()
     (stale / "half.safetensors").write_bytes(b"x")
+    (tmp_path / "o").mkdir()  # an empty --out made beforehand is fine
     drop_experts(src, experts=1, layers="all", strategy="remove", profile=prof, out=tmp_path / "o")
     assert not stale.exists() and (tmp_path / "o" / MANIFEST_NAME).exists()
 

@@ -332,7 +332,7 @@ def drop_experts(
         raise UserError(f"--out {dst} is inside the source checkpoint; choose a directory outside {src}.")
     request = _request(ck, experts, layers, strategy, prof.sha256)
     fingerprint = _fingerprint(ck)
-    if dst.exists() and _existing_is_same(dst, request, fingerprint):
+    if _occupied(dst) and _existing_is_same(dst, request, fingerprint):
         manifest = json.loads((dst / MANIFEST_NAME).read_text(encoding="utf-8"))
         progress.emit("done", out=str(dst), manifest=str(dst / MANIFEST_NAME), noop=True)
         return DropResult(dst, manifest, True, time.perf_counter() - t0)
@@ -371,17 +371,22 @@ def drop_experts(
         manifest = _manifest(ck, request, fingerprint, prof, drops, strategy, plans, shard_results, out_map)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         cache.save()
-        if dst.exists():  # another run finished the same surgery meanwhile
+        if _occupied(dst):  # another run finished the same surgery meanwhile
             _existing_is_same(dst, request, fingerprint)
             shutil.rmtree(tmp)
         else:
-            os.rename(tmp, dst)
+            os.rename(tmp, dst)  # atomic; replaces an empty directory the user may have created
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     seconds = time.perf_counter() - t0
     progress.emit("done", out=str(dst), manifest=str(dst / MANIFEST_NAME), noop=False, seconds=round(seconds, 3))
     return DropResult(dst, manifest, False, seconds, total_out)
+
+
+def _occupied(dst: Path) -> bool:
+    """An existing --out counts only when it holds something (an empty directory is free to use)."""
+    return dst.exists() and (not dst.is_dir() or any(dst.iterdir()))
 
 
 def _remove_stale_temps(dst: Path) -> None:
