@@ -77,20 +77,19 @@ class CurvesScreen(ConsoleScreen):
             c = colors[TARGET_SERIES[curve.target]]
             xs = [p.experts for p in curve.points]
             plt.plot(xs, [p.epi.median for p in curve.points], label=f"EPI {curve.target}", color=c, marker="hd")
-            lo = [p.epi.lo for p in curve.points]
-            hi = [p.epi.hi for p in curve.points]
-            if any(a != b for a, b in zip(lo, hi, strict=True)):
-                plt.scatter(xs, lo, color=c, marker="·")
-                plt.scatter(xs, hi, color=c, marker="·")
+            half = [((p.epi.hi or 0.0) - (p.epi.lo or 0.0)) / 2 for p in curve.points]
+            if any(half):
+                plt.error(xs, [p.epi.median for p in curve.points], yerr=half, color=c)
             acc = [p.accuracy.median * 100 if p.accuracy.median is not None else None for p in curve.points]
             if all(a is not None for a in acc):
-                plt.plot(xs, acc, yside="right", color=c, marker="dot")
+                plt.plot(xs, acc, yside="right", color=c, marker="·")
             for depth, tag in ((curve.epi_optimal, "E"), (curve.accuracy_optimal, "A")):
                 if depth is not None:
                     p = next(p for p in curve.points if p.experts == depth)
                     if p.epi.median is not None:
                         plt.text(tag, depth, p.epi.median, color=c, style="bold")
-        plt.title("EPI (J/token ÷ accuracy, left, lower is better) · accuracy % (right, dotted)"
+        plt.xticks(list(range(0, 9)))
+        plt.title("EPI (left, lower is better, bars = spread) · accuracy % (right, ·)"
                   if any_data else "EPI vs experts dropped: waiting for valid results")
         plt.xlabel("experts dropped  (E = EPI-optimal, A = accuracy-optimal)")
         plot.refresh()

@@ -29,7 +29,7 @@ class LogScreen(ConsoleScreen):
         with Horizontal(id="log-bar"):
             yield Static("", id="log-status", classes="line")
             yield Input(placeholder="filter text (/)", id="log-input")
-        yield RichLog(id="log-view", wrap=False, markup=False, max_lines=5000, auto_scroll=True)
+        yield RichLog(id="log-view", wrap=True, markup=False, max_lines=5000, auto_scroll=True)
 
     def on_mount(self) -> None:
         inp = self.query_one(Input)
@@ -50,7 +50,7 @@ class LogScreen(ConsoleScreen):
         log.clear()
         vars_ = self.app.theme_variables
         for line in v.lines[-1000:]:
-            t = Text(no_wrap=True)
+            t = Text()
             t.append(f"{line.time} ", style="dim")
             style = LEVEL_STYLE.get(line.level, "")
             t.append(f"{line.level.upper():<7} ", style=f"bold {vars_.get(style, style)}")

@@ -77,6 +77,12 @@ def pareto_front(points: list[tuple[str, float, float]]) -> set[str]:
     return front
 
 
+def _depth(d: int | None) -> str:
+    if d is None:
+        return "?"
+    return "baseline" if d == 0 else f"−{d}"
+
+
 class CurvesController:
     def __init__(self, tolerance_pts: float = 1.0) -> None:
         self.tolerance_pts = tolerance_pts
@@ -96,10 +102,8 @@ class CurvesController:
         parts = []
         for c in curves:
             if c.epi_optimal is not None or c.accuracy_optimal is not None:
-                parts.append(
-                    f"{c.target}: EPI-optimal −{c.epi_optimal if c.epi_optimal is not None else '?'}, "
-                    f"accuracy-optimal −{c.accuracy_optimal if c.accuracy_optimal is not None else '?'}"
-                )
+                parts.append(f"{c.target}: EPI-optimal {_depth(c.epi_optimal)}, "
+                             f"accuracy-optimal {_depth(c.accuracy_optimal)}")
         return CurvesView(
             curves=curves,
             pareto=pareto,
