@@ -1,0 +1,206 @@
+"""Analysis: per-configuration summaries, curves, optimal depths, Pareto set, decomposition, tables."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from epiconsole.analysis import analyze, repetitions
+from epiconsole.ledger import Ledger, Trial, TrialResult
+from epiconsole.matrix import builtin
+from tests.analysis_fixtures import build_campaign
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def result(config_id: str, rep: int, *, experts: int = 0, target: str | None = None, ord_: int = 0,
+           joules: float | None = 1000.0, tokens: int = 1000, acc: float | None = 0.76, seconds: float = 100.0,
+           status: str = "done", valid: bool | None = True, reasons: tuple[str, ...] = (),
+           strategy: str | None = None, tid: int = 0) -> TrialResult:
+    """A TrialResult as the ledger returns it, with an EPI result in the seed schema."""
+    trial = Trial(id=tid or hash((config_id, rep)) % 100000, campaign_id=1, config_id=config_id, rep=rep, ord=ord_,
+                  experts=experts, target=target, status=status, valid=valid, reasons=reasons, updated_at=0.0,
+                  config={"strategy": strategy})
+    if status != "done":
+        return TrialResult(trial, None, None)
+    jpt = None if joules is None else joules / tokens
+    value = None if jpt is None or acc is None else jpt / acc
+    epi = {
+        "energy": {"total_joules": joules, "total_tokens": tokens, "joules_per_token": jpt,
+                   "duration_seconds": seconds, "avg_watts_cluster": None if joules is None else joules / seconds},
+        "accuracy": {"mmlu": acc, "arc_challenge": acc, "composite": acc, "stderr": {"mmlu": 0.01}},
+        "epi": {"value": value, "joules_per_token": jpt, "accuracy_composite": acc},
+        "validity": {"valid": bool(valid), "reasons": list(reasons)},
+    }
+    return TrialResult(trial, {"composite": acc, "window": {"t0": 10.0, "t1": 10.0 + seconds}}, epi)
+
+
+def matrix_results(loss_pts: Any, jpt_of: Any, tolerance_reps: int = 3) -> list[TrialResult]:
+    """Results for the whole pruning plan with accuracy loss and J/token given as functions of (n, target)."""
+    out = []
+    for c in builtin("pruning").configurations:
+        for rep in range(1, tolerance_reps + 1):
+            acc = 0.76 - loss_pts(c.experts, c.target) / 100.0
+            jpt = jpt_of(c.experts, c.target) * (1 + 0.001 * (rep - 2))
+            out.append(result(c.id, rep, experts=c.experts, target=c.target, ord_=c.order, joules=jpt * 1000,
+                              tokens=1000, acc=acc, strategy=c.strategy))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ records
+
+
+def test_repetition_reads_the_seed_schema_and_keeps_missing_as_none() -> None:
+    r = repetitions([result("drop1_all", 1, experts=1, target="all", strategy="remove", joules=2000.0, tokens=500,
+                            acc=0.8)])[0]
+    assert r.joules == 2000.0 and r.tokens == 500 and r.jpt == pytest.approx(4.0)
+    assert r.epi == pytest.approx(4.0 / 0.8) and r.accuracy == 0.8 and r.strategy == "remove"
+    assert dict(r.tasks) == {"mmlu": 0.8, "arc_challenge": 0.8}  # composite and stderr are not tasks
+    assert r.usable and r.window == (10.0, 110.0)
+    missing = repetitions([result("x", 1, joules=None)])[0]
+    assert missing.joules is None and missing.jpt is None and missing.epi is None and not missing.usable
+    pending = repetitions([result("x", 2, status="pending", valid=None)])[0]
+    assert pending.epi is None and not pending.usable
+
+
+# ------------------------------------------------------------------------------------------ summaries
+
+
+def test_summary_uses_valid_repetitions_only_but_counts_the_rest() -> None:
+    res = [
+        result("baseline", 1, joules=1000), result("baseline", 2, joules=1010), result("baseline", 3, joules=990),
+        # an invalid repetition with an absurd figure must not move the median
+        result("drop1_all", 1, experts=1, target="all", ord_=1, joules=900),
+        result("drop1_all", 2, experts=1, target="all", ord_=1, joules=99999, valid=False, reasons=("gap of 3 s on pi2",)),
+        result("drop1_all", 3, experts=1, target="all", ord_=1, joules=920),
+        result("drop1_all", 4, experts=1, target="all", ord_=1, status="failed", valid=False, reasons=("deploy failed",)),
+    ]
+    a = analyze(res)
+    c = a.config("drop1_all")
+    assert (c.repetitions, c.valid, c.invalid, c.failed) == (4, 2, 1, 1)
+    assert c.jpt is not None and c.jpt.median == pytest.approx(0.91) and c.jpt.hi == pytest.approx(0.92)
+    assert c.invalid_reasons == ("gap of 3 s on pi2", "deploy failed")
+    base = a.config("baseline")
+    assert base.jpt is not None and base.jpt.median == pytest.approx(1.0)
+    assert c.jpt_change_pct == pytest.approx(-9.0)
+    assert c.epi_change_pct == pytest.approx(-9.0)  # same accuracy: EPI moves with J/token
+    assert c.accuracy_change_pts == pytest.approx(0.0)
+    assert base.jpt_change_pct is None  # the baseline is the reference
+    assert a.counts == {"repetitions": 7, "valid": 5, "invalid": 1, "failed": 1, "pending": 0}
+
+
+def test_configuration_without_valid_repetitions_has_no_figures() -> None:
+    a = analyze([result("baseline", 1), result("drop1_all", 1, experts=1, target="all", ord_=1, valid=False,
+                                                reasons=("throttled",))])
+    c = a.config("drop1_all")
+    assert c.epi is None and c.jpt is None and c.epi_change_pct is None
+    table = a.tables[0]
+    row = next(r for r in table.rows if r[1] == "drop1_all")
+    assert row[3] == "0/1" and row[8] == "–"  # shown as missing, never as 0
+
+
+# ------------------------------------------------------------------------------------------ curves, depths
+
+
+def _paper_like() -> list[TrialResult]:
+    # Accuracy loss of the simulated physics model (remove: 0.15 n^1.5 points; zero: 0.6 n early, 0.3 n late)
+    # and a J/token that falls with depth: EPI is lowest at 5 for 'all' while accuracy allows only 3.
+    def loss(n: int, target: str | None) -> float:
+        if n == 0:
+            return 0.0
+        return 0.15 * n**1.5 if target == "all" else {"early": 0.6, "late": 0.3}[target] * n
+
+    def jpt(n: int, target: str | None) -> float:
+        return 1.2 * (1 - 0.012 * n) if target == "all" else 1.2 * (1 - 0.001 * n)
+
+    return matrix_results(loss, jpt)
+
+
+def test_curves_start_at_the_baseline_and_follow_depth() -> None:
+    a = analyze(_paper_like())
+    assert [c.target for c in a.curves] == ["all", "early", "late"]
+    for curve in a.curves:
+        xs = [p.experts for p in curve.points]
+        assert xs == list(range(0, 9))
+        assert curve.points[0].config_id == "baseline"
+
+
+def test_epi_optimal_and_accuracy_optimal_depths() -> None:
+    res = _paper_like()
+    a = analyze(res, tolerance_pts=1.0)
+    d = {x.target: x for x in a.depths}
+    # Independent expectation from the model: EPI(n) = 1.2 (1 - 0.012 n) / (0.76 - 0.0015 n^1.5).
+    epi = {n: 1.2 * (1 - 0.012 * n) / (0.76 - 0.0015 * n**1.5) for n in range(0, 9)}
+    assert d["all"].epi_optimal == min(epi, key=epi.__getitem__)
+    assert d["all"].accuracy_optimal == 3  # 0.15 * 4^1.5 = 1.2 points > 1
+    assert d["all"].tension
+    assert d["early"].accuracy_optimal == 1  # 0.6 n <= 1
+    assert d["late"].accuracy_optimal == 3  # 0.3 n <= 1
+    wider = {x.target: x for x in analyze(res, tolerance_pts=2.0).depths}
+    assert wider["all"].accuracy_optimal == 5 and wider["late"].accuracy_optimal == 6
+
+
+def test_pareto_set_holds_exactly_the_non_dominated_configurations() -> None:
+    a = analyze(_paper_like())
+    points = {c.config_id: (c.jpt.median, c.accuracy.median) for c in a.configs if c.jpt and c.accuracy}
+    expected = {
+        cid for cid, (j, acc) in points.items()
+        if not any((j2 <= j and a2 >= acc) and (j2 < j or a2 > acc) for other, (j2, a2) in points.items() if other != cid)
+    }
+    assert set(a.pareto) == expected and expected
+    js = [points[c][0] for c in a.pareto]
+    assert js == sorted(js)
+
+
+def test_decomposition_splits_the_energy_change_exactly() -> None:
+    # drop1_all: 10 % less power, 5 % more time per token than the baseline.
+    res = [result("baseline", r, joules=1000.0, seconds=100.0) for r in (1, 2, 3)]
+    res += [result("drop1_all", r, experts=1, target="all", ord_=1, joules=1000.0 * 0.9 * 1.05, seconds=105.0)
+            for r in (1, 2, 3)]
+    c = analyze(res).config("drop1_all")
+    d = c.decomposition
+    assert d is not None
+    assert d.d_ln_power == pytest.approx(math.log(0.9), rel=1e-6)
+    assert d.d_ln_time == pytest.approx(math.log(1.05), rel=1e-6)
+    assert d.d_ln_energy == pytest.approx(d.d_ln_power + d.d_ln_time, abs=1e-12)
+    assert c.jpt_change_pct == pytest.approx((0.9 * 1.05 - 1) * 100)
+
+
+def test_paper_tables_all_early_late_and_best_of() -> None:
+    a = analyze(_paper_like())
+    titles = [t.title for t in a.tables]
+    assert titles == ["All layers", "Early layers only", "Late layers only", "Best of"]
+    for t in a.tables[:3]:
+        assert len(t.rows) == 9 and t.rows[0][1] == "baseline"
+        assert all(len(r) == len(t.headers) for r in t.rows)
+    best = {r[0]: r for r in a.tables[3].rows}
+    assert best["All layers"][5] == str(analyze(_paper_like()).depths[0].epi_optimal)
+    assert best["All layers"][6] == "3"
+    assert "Overall" in best
+
+
+def test_plan_without_targets_gets_one_table_and_no_curves() -> None:
+    res = [result(f"model{i}", r, ord_=i, joules=1000.0 + 100 * i) for i in range(3) for r in (1, 2)]
+    a = analyze(res)
+    assert a.curves == () and a.depths == ()
+    assert a.baseline_id == "model0"
+
+
+# ------------------------------------------------------------------------------------------ from a ledger
+
+
+async def test_analysis_of_a_ledger_campaign(tmp_path: Path) -> None:
+    built = await build_campaign(tmp_path / "ledger.sqlite", only=["baseline", "drop1_all", "drop2_all"],
+                                 invalid={("drop2_all", 1): ["window start not covered by samples on pi0"]})
+    async with await Ledger.open(built.path, readonly=True) as ledger:
+        res = await ledger.results(built.campaign_id)
+    a = analyze(res, simulated=True, campaign_id=built.campaign_id)
+    assert len(a.repetitions) == 9 and a.simulated
+    c = a.config("drop2_all")
+    assert (c.valid, c.invalid) == (2, 1)
+    valid_epis = sorted(built.epi[("drop2_all", r)]["epi"]["value"] for r in (2, 3))
+    assert c.epi is not None and c.epi.median == pytest.approx(sum(valid_epis) / 2)
+    assert (c.epi.lo, c.epi.hi) == pytest.approx(tuple(valid_epis))
