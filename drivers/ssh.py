@@ -255,6 +255,8 @@ class SshPool:
         self._conns: dict[str, asyncssh.SSHClientConnection] = {}
         self._locks = {name: asyncio.Lock() for name in self.targets}
         self._sessions = {name: asyncio.Semaphore(max_sessions) for name in self.targets}
+        #: Hosts that cannot give a pseudo-terminal (see :meth:`_process`).
+        self._no_pty: set[str] = set()
         self._closed = False
 
     def target(self, name: str) -> SshTarget:
@@ -313,7 +315,7 @@ class SshPool:
         conn_box[0] = conn
         return conn
 
-    async def _process(self, name: str, command: str, pty: bool) -> asyncssh.SSHClientProcess[str]:
+    async def _session(self, name: str, command: str, pty: bool) -> asyncssh.SSHClientProcess[str]:
         """Open a session running ``command``; one reconnect when the pooled connection died under us."""
         for attempt in (0, 1):
             conn = await self.connection(name)
@@ -327,13 +329,29 @@ class SshPool:
                     raise _connect_error(self.target(name), exc) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _process(self, name: str, command: str, pty: bool) -> tuple[asyncssh.SSHClientProcess[str], bool]:
+        """A session, with a pty when asked and the server gives one; returns (process, pty used).
+
+        Some servers cannot give a terminal (``PermitTTY no``; an sshd not running as root drops the
+        connection when it cannot chown the pty). Such a host is remembered and gets plain sessions,
+        where a cancel relies on the KILL signal request instead of the hang-up.
+        """
+        if pty and name not in self._no_pty:
+            try:
+                return await self._session(name, command, True), True
+            except HostUnreachable:
+                proc = await self._session(name, command, False)
+                self._no_pty.add(name)
+                return proc, False
+        return await self._session(name, command, False), False
+
     async def run(self, name: str, command: str, *, timeout: float | None = None, check: bool = False,
                   pty: bool = False) -> CommandResult:
         """Run a short command to completion; raise :class:`SshTimeout` (after killing it) past ``timeout``."""
         target = self.target(name)
         limit = target.command_timeout_s if timeout is None else timeout
         async with self._sessions[name]:
-            proc = await self._process(name, command, pty)
+            proc, _ = await self._process(name, command, pty)
             try:
                 done = await asyncio.wait_for(proc.wait(check=False), limit)
             except TimeoutError:
@@ -428,7 +446,7 @@ class RemoteStream:
         await sem.acquire()
         self._held = True
         try:
-            self._proc = await self.pool._process(self.name, self.command, self.pty)
+            self._proc, self.pty = await self.pool._process(self.name, self.command, self.pty)
         except BaseException:
             self._release()
             raise
@@ -442,7 +460,8 @@ class RemoteStream:
         assert self._proc is not None
         with contextlib.suppress(Exception):
             async for line in self._proc.stderr:
-                self._stderr.append(line.rstrip("\r\n"))
+                if line:  # a closed channel can end the iteration with an empty read
+                    self._stderr.append(line.rstrip("\r\n"))
 
     def _release(self) -> None:
         if self._held:

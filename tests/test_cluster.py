@@ -202,6 +202,18 @@ async def test_stream_lines_cancel_and_timeout(sim_hosts: SimHosts) -> None:  # 
     assert await eventually(lambda: sim_hosts.sim.running("pi0") == [])
 
 
+async def test_stream_without_a_terminal(sim_hosts: SimHosts) -> None:  # noqa: F811
+    """A host that refuses pseudo-terminals gets plain sessions; cancel still kills (signal request)."""
+    sim_hosts.sim.permit_tty = False
+    s = sim_hosts.pool.stream("pi1", "echo go; nope; sleep 1000000")
+    assert await s.__anext__() == "go"
+    assert not s.pty and "pi1" in sim_hosts.pool._no_pty
+    assert await eventually(lambda: sim_hosts.sim.running("pi1") == ["sleep 1000000"])
+    await s.cancel()
+    assert await eventually(lambda: sim_hosts.sim.running("pi1") == [])
+    assert s.stderr_tail == ("sh: 1: nope: not found",)
+
+
 async def _drain(stream: object) -> None:
     async for _ in stream:  # type: ignore[attr-defined]
         pass

@@ -47,8 +47,8 @@ class _Session(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self.chan = chan
 
     def pty_requested(self, term_type: str, term_size: Any, term_modes: Any) -> bool:
-        self.pty = True
-        return True
+        self.pty = self.sim.permit_tty
+        return self.pty
 
     def shell_requested(self) -> bool:
         return False  # no interactive shells on the simulated machines
@@ -168,6 +168,8 @@ class SimSSH:
                           api_factory=api_factory)
             for name in names
         }
+        #: Like sshd's PermitTTY: off, pty requests are refused (the drivers fall back to plain sessions).
+        self.permit_tty = True
         self.ports: dict[str, int] = {}
         self.host_keys: dict[str, asyncssh.SSHKey] = {}
         self._servers: list[asyncssh.SSHAcceptor] = []
