@@ -27,7 +27,7 @@ from typing import Any
 
 from drivers.dllama_api import ApiCancelled, ApiError, ApiUnavailable, DllamaApi, SyncDllamaApi
 from epiconsole.benchmark.catalog import MODELS, PlannedTask, model_spec, plan_tasks
-from epiconsole.benchmark.localdata import TASKS_DIR
+from epiconsole.benchmark.localdata import LOCAL_TASKS, TASKS_DIR
 from epiconsole.benchmark.results import (
     BenchProgress,
     BenchResult,
@@ -114,7 +114,7 @@ def _evaluate(
     include = [str(TASKS_DIR)] + ([str(Path(bench.task_dir).expanduser())] if bench.task_dir else [])
     tm_local = _task_manager(False, include)
     needs_builtin = any(p.lm_eval_name not in tm_local.task_index for p in planned)
-    if needs_builtin:
+    if any(p.lm_eval_name not in LOCAL_TASKS for p in planned):  # a dataset may come from the hub
         _offline_if_unreachable()
     tm = _task_manager(True, include) if needs_builtin else tm_local
 
@@ -129,7 +129,11 @@ def _evaluate(
     if spec.name == "dllama-chat":
         lm = DllamaChatLM(client=client, retries=bench.retries, max_tokens=bench.max_tokens, on_request=progress)
     else:
-        lm = lmeval_models.CountingLocalCompletions(**spec.args)
+        try:
+            lm = lmeval_models.CountingLocalCompletions(**spec.args)
+        except ModuleNotFoundError as exc:  # lm-eval's API models need its [api] extra (tenacity, ...)
+            raise BenchmarkError(f"benchmark.model = \"local-completions\" needs lm-eval's API extra ({exc.name or 'a package'} "
+                                 "is missing); install it with `pip install 'lm-eval[api]'`") from None
     try:
         results = simple_evaluate(
             model=lm,
@@ -192,21 +196,27 @@ def _quiet_libraries() -> None:
 
 def _offline_if_unreachable() -> None:
     """Switch the HF libraries offline when the hub cannot be reached, so a cached dataset loads at once
-    instead of after network timeouts. Checked once per process; an explicit setting is respected."""
+    and a missing one fails at once, instead of after minutes of retries. The hub is probed once per
+    process; an explicit HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is respected."""
     global _HUB_CHECKED
-    if _HUB_CHECKED or os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
+        _set_offline()
+        return
+    if _HUB_CHECKED:
         return
     _HUB_CHECKED = True
     try:
         socket.create_connection(("huggingface.co", 443), timeout=2.0).close()
-        return
     except OSError:
-        pass
+        _set_offline()
+
+
+def _set_offline() -> None:
+    import sys
+
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     # The libraries read these at import; where they are already loaded, switch their constants too.
-    import sys
-
     if (hub := sys.modules.get("huggingface_hub.constants")) is not None:
         hub.HF_HUB_OFFLINE = True
     if (dconf := sys.modules.get("datasets.config")) is not None:
