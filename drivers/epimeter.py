@@ -565,7 +565,9 @@ class EpiMeter:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"epimeter {self.port}")
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Close the port, stop reconnecting and end :meth:`events`."""
+        """Close the port, stop reconnecting and end :meth:`events` (idempotent)."""
+        if self._closing:
+            return
         self._closing = True
         proto = self._proto
         if proto is not None and proto.transport is not None:
@@ -594,6 +596,8 @@ class EpiMeter:
     async def events(self) -> AsyncIterator[MeterEvent]:
         """Events in arrival order until :meth:`close`."""
         while True:
+            if self._closing and self._queue.empty():
+                return
             ev = await self._queue.get()
             if ev is None:
                 return
@@ -733,7 +737,9 @@ class EpiMeter:
             if self._last is not None and self._unplug_t0 is None:
                 self._unplug_t0 = self._last[4]
             self._emit(MeterState(False, self.port, time.time(), reason))
-            for fut in self._info_waiters:
+            # A command in flight will never be answered on this connection: fail it now, not at its timeout.
+            waiting = [*self._info_waiters, *(f for q in self._answer_waiters.values() for f in q)]
+            for fut in waiting:
                 if not fut.done():
                     fut.set_exception(MeterNotConnected(f"the meter on {self.port} disconnected"))
 

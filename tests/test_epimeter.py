@@ -10,6 +10,8 @@ import random
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drivers.epimeter import (
     BAD_KINDS,
@@ -17,10 +19,12 @@ from drivers.epimeter import (
     BadLine,
     ClockFit,
     CommandAnswer,
+    EpiMeter,
     LineFramer,
     MeterGap,
     MeterInfo,
     MeterNotConnected,
+    MeterSample,
     MeterState,
     MeterTimeout,
     SampleLine,
@@ -247,3 +251,30 @@ async def test_port_that_is_not_there_yet_and_commands_time_out(tmp_path) -> Non
             await meter.set_rate(60)
     pty.unplug()
 
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=700) | st.builds(lambda b: b"{" + b + b"}", st.binary(max_size=300)))
+def test_parse_line_never_raises(line: bytes) -> None:
+    r = parse_line(line)
+    assert isinstance(r, SampleLine | MeterInfo | CommandAnswer) or r.kind in BAD_KINDS
+
+
+async def test_a_slow_consumer_loses_the_oldest_events_counted(tmp_path) -> None:
+    pty = ScriptedPty(tmp_path)
+    pty.plug()
+    meter = EpiMeter(pty.port, queue_size=50, ask_info=False)  # nobody consumes events()
+    await meter.start()
+    try:
+        await meter.wait_connected(3)
+        await pty.write(b"".join(sample_line(i, 100 * i) for i in range(200)))
+        deadline = time.monotonic() + 5
+        while meter.status().samples < 200 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert meter.status().dropped_events == 200 + 1 - 50  # +1: the "opened" state event
+        await meter.close()
+        seqs = [ev.seq async for ev in meter.events() if isinstance(ev, MeterSample)]
+        assert seqs[-1] == 199 and seqs == list(range(200 - len(seqs), 200))
+        await meter.close()  # idempotent
+    finally:
+        pty.unplug()
