@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -143,5 +144,25 @@ async def test_fault_switches_take_effect(tmp_path) -> None:
             assert gap.cause == "reboot"
             first = next(x for x in col.samples if x.t >= gap.t1)
             assert first.ms < 1000 and all(c.Wh < 0.01 for c in first.channels)
+    finally:
+        await sim.stop()
+
+
+async def test_scheduled_unplug_and_reboot_from_the_config(tmp_path) -> None:
+    cfg = sim_defaults()
+    faults = dataclasses.replace(cfg.sim.faults, meter_unplug_at_s=36.0, meter_unplug_for_s=30.0,
+                                 meter_reboot_at_s=100.0)  # lab seconds: 0.6 s, 0.5 s and 1.7 s real
+    lab = SimLab(dataclasses.replace(cfg, sim=dataclasses.replace(cfg.sim, faults=faults)), FreezableClock(SCALE))
+    sim = SimMeter(lab, 10.0, tmp_path)
+    port = await sim.start()
+    try:
+        async with open_meter(port, reconnect_max_s=0.2) as (meter, col):
+            await meter.wait_connected(0.5)
+            await col.until(lambda: meter.status().reboots == 1, 4, "the scheduled reboot")
+            assert (sim.emitted.unplugs, sim.emitted.reboots) == (1, 1)
+            assert [g.cause for g in col.of(MeterGap)] == ["unplug", "reboot"]
+            assert [e.connected for e in col.of(MeterState)] == [True, False, True]
+            await asyncio.sleep(0.3)
+            assert (sim.emitted.unplugs, sim.emitted.reboots) == (1, 1)  # once each
     finally:
         await sim.stop()

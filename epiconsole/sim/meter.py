@@ -11,6 +11,11 @@ second, so ``rate_hz * scale`` lines per real second, written in batches every ~
 timer per line. The board is modelled as powered from the AC side: it keeps ticking while unplugged
 (those ticks are never written, so the driver sees a seq jump on replug).
 
+Faults: the live switches in ``lab.faults`` (``garbage_fraction``, ``lost_line_fraction``,
+``meter_unplugged``, ``meter_reboot_requested``) are polled every batch; the config's scheduled ones
+(``meter_unplug_at_s`` for ``meter_unplug_for_s``, ``meter_reboot_at_s``, lab seconds since the lab
+started) flip those switches once when their time comes.
+
 Like a TinyUSB board, it sends nothing while no host holds the port open (DTR low): lines of those
 ticks are dropped at the source, so a host that opens the port never reads a stale backlog. The host
 asks for the info line when it connects.
@@ -102,6 +107,8 @@ class SimMeter:
         self._reading = False
         #: Batches in a row that found a host holding the port open.
         self._host_batches = 0
+        self._unplug_scheduled = self._reboot_scheduled = False
+        self._replug_at: float | None = None
         self._inbuf = bytearray()
         self._task: asyncio.Task[None] | None = None
         self._unplugged = False
@@ -366,6 +373,21 @@ class SimMeter:
         self._out.clear()
         self._inbuf.clear()
 
+    def _scheduled_faults(self) -> None:
+        """``[sim.faults] meter_unplug_at_s / meter_unplug_for_s / meter_reboot_at_s``, in lab seconds."""
+        sched = self.lab.cfg.sim.faults
+        now = self.lab.clock.now()
+        if 0 <= sched.meter_unplug_at_s <= now and not self._unplug_scheduled:
+            self._unplug_scheduled = True
+            self._replug_at = sched.meter_unplug_at_s + sched.meter_unplug_for_s
+            self.lab.faults.meter_unplugged = True
+        if self._replug_at is not None and now >= self._replug_at:
+            self._replug_at = None
+            self.lab.faults.meter_unplugged = False
+        if 0 <= sched.meter_reboot_at_s <= now and not self._reboot_scheduled:
+            self._reboot_scheduled = True
+            self.lab.faults.meter_reboot_requested = True
+
     def _apply_plug(self) -> None:
         want = self.lab.faults.meter_unplugged
         if want == self._unplugged:
@@ -405,6 +427,7 @@ class SimMeter:
     async def _run(self) -> None:
         try:
             while True:
+                self._scheduled_faults()
                 self._apply_plug()
                 self._poll_host()
                 if self.lab.faults.meter_reboot_requested:
