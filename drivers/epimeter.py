@@ -750,7 +750,8 @@ class EpiMeter:
                 exc = await asyncio.wait_for(asyncio.shield(proto.lost), self.path_check_s)
             except TimeoutError:
                 transport = proto.transport
-                if not os.path.exists(self.port) and transport is not None:
+                # pyserial URL ports (socket://, rfc2217://) have no path to watch.
+                if "://" not in self.port and not os.path.exists(self.port) and transport is not None:
                     if not transport.is_closing():  # a read error may have started closing it already
                         transport.abort()
                     with contextlib.suppress(TimeoutError):
