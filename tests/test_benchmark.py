@@ -256,6 +256,19 @@ def test_bench_command_errors_are_one_line(capsys):
     assert "whole number" in capsys.readouterr().err
 
 
+def test_bench_command_options():
+    from epiconsole import config
+    from epiconsole.commands.bench import _bench_config, api_url
+
+    cfg = config.sim_defaults()
+    assert api_url(cfg) == "http://pi0.local:9990"
+    cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, api_host="fe80::1", api_port=8080))
+    assert api_url(cfg) == "http://[fe80::1]:8080"
+    b = _bench_config(BENCH, ["mmlu:1,hellaswag", "gsm8k:3"], 7)
+    assert [(t.name, t.shots) for t in b.tasks] == [("mmlu", 1), ("hellaswag", 10), ("gsm8k", 3)]
+    assert b.limit == 7 and _bench_config(BENCH, None, None) == BENCH
+
+
 def test_lm_eval_is_imported_only_by_the_benchmark_path():
     script = """
 import contextlib, io, json, sys

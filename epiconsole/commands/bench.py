@@ -52,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
 
         if not simulated:
             url = args.url or api_url(cfg)
-            return await run_suite(url, bench, simulated=cfg.simulated, on_progress=on_progress,
-                                   timeout_s=cfg.cluster.api_timeout_s)
+            # An explicit --url is a real API even when no lab config was found.
+            return await run_suite(url, bench, simulated=cfg.simulated and not args.url,
+                                   on_progress=on_progress, timeout_s=cfg.cluster.api_timeout_s)
         from epiconsole.sim.api import SimApi
         from epiconsole.sim.physics import Deployed
         from epiconsole.sim.state import SimLab
