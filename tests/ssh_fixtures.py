@@ -92,6 +92,13 @@ esac
 """
 
 
+#: A long-running stand-in for distributed-llama's worker (its command line is what pkill -f matches).
+FAKE_DLLAMA = """#!/bin/sh
+echo "fake dllama $*"
+while :; do sleep 1; done
+"""
+
+
 @dataclass
 class OpenSSHServer:
     """A private sshd on 127.0.0.1: ``target`` reaches it with host-key checking on."""
@@ -134,6 +141,9 @@ def start_openssh(base: Path) -> OpenSSHServer:
     vcgencmd = bindir / "vcgencmd"
     vcgencmd.write_text(FAKE_VCGENCMD.replace("{state}", str(state)))
     vcgencmd.chmod(0o755)
+    dllama = bindir / "dllama"
+    dllama.write_text(FAKE_DLLAMA)
+    dllama.chmod(0o755)
     if os.geteuid() == 0:
         # sshd started as root insists on its privilege-separation directory.
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)

@@ -7,7 +7,9 @@ and say so.
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import signal
 
 import asyncssh
 import pytest
@@ -77,6 +79,29 @@ async def test_cancelled_and_timed_out_streams_leave_no_remote_process(openssh: 
         assert (await pool.run("pi0", "echo ok")).stdout == "ok\n"
     finally:
         await pool.close()
+
+
+async def test_detached_workers_survive_the_session_and_stop(openssh: OpenSSHServer) -> None:  # noqa: F811
+    """The default start_worker template detaches; the default stop_worker template stops it even though its
+    pkill also hits the remote shell running it (which the driver tolerates)."""
+    pool = SshPool({"pi0": openssh.target, "pi1": dataclasses.replace(openssh.target, name="pi1")})
+    cl = Cluster(pool, dataclasses.asdict(CommandsConfig()), nodes=("pi0", "pi1"), root="pi0",
+                 worker_port=random.randint(20000, 30000))
+    pattern = f"dllama worker --port {cl.worker_port}"
+    try:
+        await cl.start_workers()
+        assert await eventually(lambda: pgrep(pattern)), openssh.log()[-1000:]
+        res = await pool.run("pi1", "pkill -f 'dllama worker' || true")
+        assert res.exit_signal == "TERM"  # the shell matched its own pattern: why '[d]llama worker' is better
+        assert await eventually(lambda: not pgrep(pattern))
+        await cl.start_workers()
+        assert await eventually(lambda: pgrep(pattern))
+        await cl.stop_workers()
+        assert await eventually(lambda: not pgrep(pattern))
+    finally:
+        await pool.close()
+        for line in pgrep(pattern):
+            os.kill(int(line.split()[0]), signal.SIGKILL)
 
 
 async def test_host_key_and_auth_refusals(openssh: OpenSSHServer, tmp_path) -> None:  # noqa: F811, ANN001

@@ -339,10 +339,27 @@ async def test_closed_channel_kills_the_foreground_command(sim_hosts: SimHosts) 
     async with asyncssh.connect("127.0.0.1", t.port, username=t.user, client_keys=[t.key],
                                 known_hosts=t.known_hosts) as conn:
         proc = await conn.create_process("sleep 1000000 && echo never")
-        assert await eventually(lambda: sim_hosts.sim.running("dgx") == ["sleep 1000000"])
+        assert await eventually(lambda: sim_hosts.sim.running("dgx") == ["bash -c sleep 1000000 && echo never",
+                                                                         "sleep 1000000"])
         proc.close()
         assert await eventually(lambda: sim_hosts.sim.running("dgx") == [])
         assert not sim_hosts.sim._tasks or await eventually(lambda: not sim_hosts.sim._tasks)
+
+
+async def test_pkill_matches_the_login_shell_like_on_a_pi(sim_hosts: SimHosts) -> None:  # noqa: F811
+    """``bash -c "pkill -f 'dllama worker' || true"`` kills its own shell on real hardware; so here."""
+    pool, lab = sim_hosts.pool, sim_hosts.lab
+    await pool.run("pi1", fill(lab.cfg.commands.start_worker, port=9998, nthreads=4), check=True)
+    assert await eventually(lambda: lab.node("pi1").worker_running)
+    res = await pool.run("pi1", "pkill -f 'dllama worker' || true")
+    assert (res.exit_status, res.exit_signal) == (None, "TERM")
+    assert await eventually(lambda: not lab.node("pi1").worker_running)
+    await pool.run("pi1", fill(lab.cfg.commands.start_worker, port=9998, nthreads=4), check=True)
+    assert await eventually(lambda: lab.node("pi1").worker_running)
+    res = await pool.run("pi1", "pkill -f '[d]llama worker' || true")
+    assert (res.exit_status, res.exit_signal) == (0, None)
+    assert await eventually(lambda: not lab.node("pi1").worker_running)
+    assert sim_hosts.sim.running("pi1") == []
 
 
 async def test_pty_sessions_merge_stderr_with_crlf(sim_hosts: SimHosts) -> None:  # noqa: F811

@@ -554,6 +554,23 @@ class Shell:
             return 127
         return await handler(self, argv, io)
 
+    def login_process(self, command: str) -> Proc | None:
+        """Register the login shell that runs ``command`` over SSH, as ``pkill -f`` on a Pi would see it.
+
+        Like bash, a lone simple command is exec'd (no shell process remains); anything compound keeps
+        ``bash -c COMMAND`` alive, and a ``pkill -f PATTERN`` whose pattern appears in the command line
+        kills that shell too, exactly as on real hardware (hence ``pkill -f '[d]llama worker'``).
+        """
+        try:
+            lists = parse(command)
+        except ShellSyntaxError:
+            return None
+        if len(lists) == 1 and not lists[0].rest and not lists[0].background and len(lists[0].first.commands) == 1:
+            return None
+        proc = Proc(self.m.new_pid(), f"bash -c {command}", asyncio.current_task())
+        self.m.procs[proc.pid] = proc
+        return proc
+
     def hangup(self) -> None:
         """The session's terminal hung up: background jobs not started with setsid/nohup die with it."""
         for job, protected in self.jobs:

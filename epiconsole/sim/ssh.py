@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -95,12 +96,16 @@ class _Session(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         # A pty has one stream: stderr goes where stdout goes, as on a real terminal.
         err = out if self.pty else CallbackSink(write_err)
         io = Io(self.stdin, out, err)
+        login = self.shell.login_process(self.command)
         try:
             status = await self.shell.run_script(self.command, io)
         except asyncio.CancelledError:
-            if self.signal is not None and not chan.is_closing():
+            signame = self.signal
+            if login is not None and login.killed_by is not None:
+                signame = signal.Signals(login.killed_by).name
+            if signame is not None and not chan.is_closing():
                 with contextlib.suppress(Exception):
-                    chan.exit_with_signal(self.signal.upper().removeprefix("SIG"))
+                    chan.exit_with_signal(signame.upper().removeprefix("SIG"))
                 return
             raise
         except Exception as exc:  # a bug in a handler: show it like a crashed program would, never hang
@@ -108,6 +113,9 @@ class _Session(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                 chan.write_stderr(f"sh: 1: internal error: {type(exc).__name__}: {exc}\n".encode())
                 chan.exit(70)
             raise
+        finally:
+            if login is not None:
+                self.machine.procs.pop(login.pid, None)
         with contextlib.suppress(Exception):
             chan.exit(status & 0xFF)
 
