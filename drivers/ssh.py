@@ -18,7 +18,10 @@ Killing what we started
     it requests a pseudo-terminal, so closing the channel hangs up the terminal and the kernel sends
     SIGHUP to the remote shell and its foreground process group (nothing is left behind). With a pty the
     remote side merges stderr into stdout. On a timeout or cancel both also send a KILL signal request,
-    which OpenSSH (7.9+) applies to the session's process group for non-root logins, then close.
+    which OpenSSH (7.8+) applies to the session's process group for non-root logins, then close. A host
+    that cannot give a terminal (``PermitTTY no``, an sshd not running as root) is remembered and gets
+    plain sessions, where the signal request does the killing. A ``run()`` cut short on a host that
+    honours neither (a root login) leaves its command running: use ``stream()`` for anything long.
 
 Errors a user can cause (unreachable host, refused key, unknown or changed host key, timeout) raise a
 subclass of :class:`SshError` whose message is one sentence ending in what to do.
@@ -31,7 +34,7 @@ import collections
 import contextlib
 import shlex
 import string
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -428,7 +431,6 @@ class RemoteStream:
         self._deadline: float | None = None
         self._held = False
         self._finished = False
-        self._lines: AsyncIterator[str] | None = None
 
     @property
     def stderr_tail(self) -> tuple[str, ...]:
