@@ -190,7 +190,7 @@ class EpiConsoleApp(App[None]):
         with self.batch_update():
             for screen in screens:
                 render = getattr(screen, "render_state", None)
-                if render is not None and screen.is_mounted:
+                if render is not None and screen.is_mounted and getattr(screen, "ready", True):
                     render()
 
     # --------------------------------------------------------------------------------- actions

@@ -18,6 +18,8 @@ class ConsoleScreen(Screen[None]):
     """A top-level mode. Subclasses implement :meth:`body` and :meth:`render_body`."""
 
     SCREEN_TITLE = ""
+    #: Set once mounted: a state that arrives while the screen is still composing waits for on_mount.
+    ready = False
 
     @property
     def console(self) -> EpiConsoleApp:
@@ -32,6 +34,7 @@ class ConsoleScreen(Screen[None]):
         raise NotImplementedError
 
     def on_mount(self) -> None:
+        self.ready = True
         self.render_state()
 
     def on_screen_resume(self) -> None:
@@ -40,6 +43,8 @@ class ConsoleScreen(Screen[None]):
 
     def render_state(self) -> None:
         """Redraw from the app's latest state (the app calls this for the visible screen only)."""
+        if not self.ready:
+            return
         app = self.console
         live = app.state.live
         sim_color = app.theme_variables.get("badge-sim", "orange")

@@ -15,6 +15,8 @@ LEVEL_STYLE = {"debug": "dim", "info": "", "warning": "node-warn", "error": "nod
 
 class LogScreen(ConsoleScreen):
     SCREEN_TITLE = "Log"
+    #: The log, not the filter box, has focus: typing a screen key must switch screens, not filter.
+    AUTO_FOCUS = "#log-view"
     BINDINGS = [
         Binding("v", "cycle_level", "Level", id="log_level"),
         Binding("slash", "filter", "Filter", id="log_filter", key_display="/"),
@@ -71,6 +73,9 @@ class LogScreen(ConsoleScreen):
         self.console.log_ctl.text = ""
         self.query_one(RichLog).focus()
         self.render_body()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.query_one(RichLog).focus()
 
     def on_input_changed(self, event: Input.Changed) -> None:
         self.console.log_ctl.text = event.value

@@ -1,0 +1,249 @@
+"""Pilot tests of the console: mode switching, lab commands reaching the service through the ledger,
+confirmation of destructive commands, view-only viewers, themes, key remapping and live updates."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+from textual.widgets import Digits
+from tui_fixtures import build_lab_ledger, console_options, use_utc
+
+from epiconsole.errors import UserError
+from epiconsole.ledger import Ledger
+from epiconsole.live import LiveSnapshot
+from screens.app import make_app
+from screens.confirm import ConfirmScreen
+from screens.curves import CurvesScreen
+from screens.dashboard import DashboardScreen
+from screens.help import HelpScreen
+from screens.log import LogScreen
+from screens.matrix import MatrixDetailScreen, MatrixScreen
+from screens.nodes import NodesScreen
+from screens.widgets import NodeTile, TopBar
+
+SIZE = (128, 37)
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    use_utc()
+    return build_lab_ledger(tmp_path_factory.mktemp("tui") / "seed.sqlite")
+
+
+@pytest.fixture
+def lab_ledger(seeded: Path, tmp_path: Path) -> Path:
+    """A private copy per test: tests write commands into it."""
+    path = tmp_path / "ledger.sqlite"
+    shutil.copy(seeded, path)
+    return path
+
+
+class ServiceStub:
+    """The lab service's side of the command queue, run against the same ledger file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seen: list[tuple[str, dict]] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        async with await Ledger.open(self.path) as ledger:
+            while not self._stop.is_set():
+                for cmd in await ledger.pending_commands():
+                    self.seen.append((cmd.verb, cmd.args))
+                    await ledger.complete_command(cmd.id, True, {"message": "accepted"})
+                await asyncio.sleep(0.05)
+
+    async def __aenter__(self) -> ServiceStub:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+
+    async def wait_for(self, n: int, timeout_s: float = 5.0) -> None:
+        async with asyncio.timeout(timeout_s):
+            while len(self.seen) < n:
+                await asyncio.sleep(0.05)
+
+
+async def _ready(app, pilot) -> None:  # type: ignore[no-untyped-def]
+    await app.refresh_data()
+    await pilot.pause()
+
+
+async def test_keys_switch_modes(lab_ledger: Path) -> None:
+    app = make_app(console_options(lab_ledger))
+    async with app.run_test(size=SIZE) as pilot:
+        await _ready(app, pilot)
+        assert isinstance(app.screen, DashboardScreen)
+        for key, cls in (("m", MatrixScreen), ("c", CurvesScreen), ("n", NodesScreen), ("l", LogScreen),
+                         ("d", DashboardScreen)):
+            await pilot.press(key)
+            await pilot.pause()
+            assert isinstance(app.screen, cls), key
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert isinstance(app.screen, DashboardScreen)
+
+
+async def test_pause_on_matrix_reaches_the_service(lab_ledger: Path) -> None:
+    app = make_app(console_options(lab_ledger))
+    async with ServiceStub(lab_ledger) as service, app.run_test(size=SIZE) as pilot:
+        await _ready(app, pilot)
+        await pilot.press("m")
+        await pilot.pause()
+        await pilot.press("p")
+        await service.wait_for(1)
+        async with asyncio.timeout(5):
+            while app.last_outcome is None:
+                await pilot.pause(0.05)
+    assert service.seen == [("pause", {})]
+    assert app.last_outcome.ok is True
+
+
+async def test_abort_is_confirmed_and_skip_names_the_selected_configuration(lab_ledger: Path) -> None:
+    app = make_app(console_options(lab_ledger))
+    async with ServiceStub(lab_ledger) as service, app.run_test(size=SIZE) as pilot:
+        await _ready(app, pilot)
+        await pilot.press("m")
+        await pilot.pause()
+        await pilot.press("a")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("n")
+        await pilot.pause(0.3)
+        assert service.seen == []  # declined: nothing sent
+        await pilot.press("down", "down", "k")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await service.wait_for(1)
+        await pilot.press("a", "y")
+        await service.wait_for(2)
+    assert service.seen == [("skip", {"config_id": "drop1_early"}), ("abort", {})]
+
+
+async def test_view_only_console_sends_nothing(lab_ledger: Path) -> None:
+    app = make_app(console_options(lab_ledger, allow_control=False))
+    async with ServiceStub(lab_ledger) as service, app.run_test(size=SIZE) as pilot:
+        await _ready(app, pilot)
+        await pilot.press("m", "p", "s", "a")
+        await pilot.pause(0.3)
+        assert not isinstance(app.screen, ConfirmScreen)
+        assert "VIEW-ONLY" in str(app.screen.query_one(TopBar).render())
+    assert service.seen == []
+
+
+async def test_detail_view_opens_and_closes(lab_ledger: Path) -> None:
+    app = make_app(console_options(lab_ledger))
+    async with app.run_test(size=SIZE) as pilot:
+        await _ready(app, pilot)
+        await pilot.press("m", "right", "right", "enter")
+        await pilot.pause(0.3)
+        assert isinstance(app.screen, MatrixDetailScreen)
+        assert app.screen.detail is not None and app.screen.detail.config_id == "baseline"
+        assert app.screen.detail.traces
+        await pilot.press("escape")
+        await pilot.pause()
+        assert isinstance(app.screen, MatrixScreen)
+
+
+async def test_theme_switch_recolours(lab_ledger: Path) -> None:
+    app = make_app(console_options(lab_ledger))
+    async with app.run_test(size=SIZE) as pilot:
+        await _ready(app, pilot)
+        assert app.theme == "epi-dark"
+        dark_ok = app.theme_variables["node-ok"]
+        tile = app.screen.query_one(NodeTile)
+        dark_border = tile.styles.border_top[1]
+        await pilot.press("t")
+        await pilot.pause()
+        assert app.theme == "epi-daylight"
+        assert app.theme_variables["node-ok"] != dark_ok
+        assert app.screen.query_one(NodeTile).styles.border_top[1] != dark_border
+        await pilot.press("c")  # charts draw in the new theme without errors
+        await pilot.pause()
+        await pilot.press("t")
+        await pilot.pause()
+        assert app.theme == "epi-dark"
+
+
+async def test_keys_are_remapped_from_the_config(lab_ledger: Path) -> None:
+    app = make_app(console_options(lab_ledger, keys={"matrix": "x", "pause": "P"}))
+    async with ServiceStub(lab_ledger) as service, app.run_test(size=SIZE) as pilot:
+        await _ready(app, pilot)
+        await pilot.press("m")
+        await pilot.pause()
+        assert isinstance(app.screen, DashboardScreen)
+        await pilot.press("x")
+        await pilot.pause()
+        assert isinstance(app.screen, MatrixScreen)
+        await pilot.press("P")
+        await service.wait_for(1)
+    assert service.seen[0][0] == "pause"
+
+
+def test_unknown_action_or_theme_is_a_user_error(lab_ledger: Path) -> None:
+    with pytest.raises(UserError, match="Unknown action 'fly'"):
+        make_app(console_options(lab_ledger, keys={"fly": "f"}))
+    with pytest.raises(UserError, match="Unknown theme 'neon'"):
+        make_app(console_options(lab_ledger, theme="neon"))
+
+
+async def test_live_updates_reach_the_tiles(lab_ledger: Path) -> None:
+    """With polling on, a new live state written by the service shows up on the dashboard."""
+    app = make_app(console_options(lab_ledger, poll_hz=10.0))
+    async with await Ledger.open(lab_ledger) as writer:
+        live = LiveSnapshot.from_live({k: e.value for k, e in (await writer.get_live()).items()})
+        async with app.run_test(size=SIZE) as pilot:
+            async with asyncio.timeout(5):
+                while app.state.live.nodes.nodes.get("pi0") is None:
+                    await pilot.pause(0.05)
+            nodes = dict(live.nodes.nodes)
+            from dataclasses import replace
+
+            nodes["pi0"] = replace(nodes["pi0"], W=77.7)
+            await writer.set_live("nodes", replace(live.nodes, nodes=nodes).to_dict())
+            async with asyncio.timeout(5):
+                while app.screen.query_one("#tile-0 .watts", Digits).value != "77.7":
+                    await pilot.pause(0.05)
+
+
+async def test_unreadable_ledger_is_a_visible_state_not_a_crash(tmp_path: Path) -> None:
+    app = make_app(console_options(tmp_path / "missing.sqlite", poll_hz=20.0))
+    async with app.run_test(size=SIZE) as pilot:
+        async with asyncio.timeout(5):
+            while not app.problem:
+                await pilot.pause(0.05)
+        assert "No ledger" in app.problem
+        await pilot.press("m")
+        await pilot.pause()
+        assert isinstance(app.screen, MatrixScreen)
+
+
+def test_tui_attach_only_without_service_says_what_to_do(lab_ledger: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from epiconsole.cli import main
+    from epiconsole.commands.tui import service_alive
+
+    assert not service_alive(lab_ledger)  # the seeded heartbeat is long stale
+    assert main(["tui", "--attach-only", "--ledger", str(lab_ledger)]) == 2
+    err = capsys.readouterr().err
+    assert "No lab service is running" in err and "Traceback" not in err
+
+
+def test_serve_command_is_view_only_by_default() -> None:
+    from epiconsole.commands.serve import console_command
+
+    assert console_command(None, False).endswith("tui --attach-only --view-only")
+    assert "--view-only" not in console_command("/tmp/my lab.toml", True)
+    assert "'/tmp/my lab.toml'" in console_command("/tmp/my lab.toml", True)
