@@ -91,9 +91,25 @@ class Electrical:
 class Physics:
     """Pure functions of (seed, configuration, node state, time). No I/O."""
 
+    #: Noise comes from two per-node tables of coprime lengths, so a tick's noise is a cheap lookup
+    #: (the meter asks for 4 channels x rate x time-scale readings per second) yet deterministic for
+    #: (seed, node, tick) and periodic only after 4093 * 4099 ticks.
+    _NOISE_LENGTHS = (4093, 4099)
+
     def __init__(self, seed: int = 42, params: PhysicsParams | None = None) -> None:
         self.seed = seed
         self.p = params or PhysicsParams()
+        self._noise: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _noise_at(self, node: int, tick: int) -> tuple[float, float, float]:
+        tables = self._noise.get(node)
+        if tables is None:
+            rng = np.random.default_rng((self.seed, node))
+            tables = tuple(rng.normal(0.0, 1.0 / math.sqrt(2), (n, 3)) for n in self._NOISE_LENGTHS)
+            self._noise[node] = tables  # type: ignore[assignment]
+        a, b = tables
+        row = a[tick % a.shape[0]] + b[tick % b.shape[0]]
+        return float(row[0]), float(row[1]), float(row[2])
 
     # -- cluster performance ---------------------------------------------------------------------
 
@@ -152,15 +168,14 @@ class Physics:
         """Wall-side readings for one node at one meter tick (deterministic for seed, node, tick)."""
         p = self.p
         dc = self.node_dc_w(node, busy, loaded, d)
-        rng = np.random.default_rng((self.seed, node, tick))
-        noise = [float(x) for x in rng.normal(0.0, p.noise_w, 3)]
-        w = max(0.0, dc / psu_efficiency(dc) + noise[0])
-        v = p.mains_v + noise[1] * 5
+        n0, n1, n2 = self._noise_at(node, tick)
+        w = max(0.0, dc / psu_efficiency(dc) + n0 * p.noise_w)
+        v = p.mains_v + n1 * p.noise_w * 5
         pf = p.pf_load if busy else p.pf_idle
         va = w / pf
         a = va / v
         var = math.sqrt(max(va * va - w * w, 0.0))
-        hz = p.mains_hz + noise[2] * 0.05
+        hz = p.mains_hz + n2 * p.noise_w * 0.05
         shown = float(round(w)) if quantize_w else w
         return Electrical(V=v, A=a, W=shown, VAR=var, PF=pf, Hz=hz)
 
