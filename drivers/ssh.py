@@ -33,6 +33,7 @@ import asyncio
 import collections
 import contextlib
 import shlex
+import socket
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -232,7 +233,12 @@ def _connect_error(target: SshTarget, exc: BaseException) -> SshError:
                                                      not Path(target.key).expanduser().is_file()):
         return AuthRefused(name, f"the key file {target.key} for {name} cannot be read ({exc}); fix hosts.{name}.key "
                                  f"in the lab config.")
-    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    if isinstance(exc, ConnectionRefusedError):
+        reason = "connection refused"
+    elif isinstance(exc, socket.gaierror):
+        reason = f"host name not found: {exc.strerror}"
+    else:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return HostUnreachable(
         name,
         f"cannot reach {name} at {where} ({reason}); check that it is powered on and that hosts.{name}.address "
@@ -307,11 +313,11 @@ class SshPool:
                     password=None,
                     password_auth=False,
                     kbdint_auth=False,
-                    connect_timeout=target.connect_timeout_s,
                     keepalive_interval=target.keepalive_s,
                     keepalive_count_max=3,
                 ),
-                target.connect_timeout_s + 1.0,
+                # Our own deadline (not asyncssh's) so a silent host reads as a timeout, not a lost link.
+                target.connect_timeout_s,
             )
         except (OSError, asyncssh.Error, TimeoutError) as exc:
             raise _connect_error(target, exc) from None

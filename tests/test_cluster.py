@@ -168,6 +168,21 @@ async def test_unreachable_host(sim_hosts: SimHosts) -> None:  # noqa: F811
     assert not h.ok and h.temp_c is None and "cannot reach pi3" in (h.error or "")
 
 
+async def test_silent_host_times_out(sim_hosts: SimHosts) -> None:  # noqa: F811
+    """A host whose TCP port accepts but never speaks SSH (hung sshd, wrong service) is a timeout."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+        target = dataclasses.replace(sim_hosts.targets["pi1"], port=port, connect_timeout_s=0.3)
+        pool = SshPool({"pi1": target})
+        with pytest.raises(SshTimeout, match="did not answer within 0.3 s"):
+            await pool.run("pi1", "true")
+        await pool.close()
+
+
 # --------------------------------------------------------------------------------------------------
 # Timeouts and cancellation leave nothing running
 
