@@ -2,7 +2,7 @@
 
 How commands are built: the driver receives the lab's command *templates* (a mapping name -> template,
 e.g. ``dataclasses.asdict(cfg.commands)``) and the values to put in, and fills them itself with
-:func:`drivers.ssh.fill`, which shell-quotes every value. Callers never assemble shell text, and every
+:func:`drivers.templates.fill`, which shell-quotes every value. Callers never assemble shell text, and every
 command the cluster runs is visible in (and configurable through) the lab config. Templates used here:
 ``health``, ``set_governor``, ``start_worker``, ``stop_worker``, ``start_root``, ``stop_root``,
 ``push``, ``size``, ``hash``, ``ambient``, ``provenance``.
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from drivers.ssh import CommandFailed, RemoteStream, SshError, SshPool, fill
+from drivers.ssh import CommandFailed, RemoteStream, SshError, SshPool
+from drivers.templates import fill
 
 #: vcgencmd get_throttled bit -> name (the same bit + 16 means "has occurred since boot").
 THROTTLE_BITS: dict[int, str] = {

@@ -8,8 +8,8 @@ Design
     * Host keys are always checked against the target's known_hosts file. An unknown host and a changed
       key are refused with a sentence that says how to fix it. Only public keys and the agent are used;
       password and keyboard-interactive authentication are switched off.
-    * Commands reach the remote login shell as one string. Templates are filled by :func:`fill`, which
-      shell-quotes every value (the same rule as ``epiconsole.config.fill``), so ``x; rm -rf ~`` arrives
+    * Commands reach the remote login shell as one string. Templates are filled by :func:`drivers.templates.fill`, which
+      shell-quotes every value (the lab config uses the same function), so ``x; rm -rf ~`` arrives
       as one literal argument.
 
 Killing what we started
@@ -32,9 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import shlex
 import socket
-import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,32 +138,6 @@ class CommandFailed(SshError):
 
 def _short(command: str, n: int = 80) -> str:
     return command if len(command) <= n else command[: n - 3] + "..."
-
-
-# --------------------------------------------------------------------------------------------------
-# Templates
-
-
-def quote_value(value: Any) -> str:
-    """One shell word per value; a list or tuple becomes several quoted words."""
-    if isinstance(value, list | tuple):
-        return " ".join(shlex.quote(str(v)) for v in value)
-    return shlex.quote(str(value))
-
-
-def fill(template: str, **values: Any) -> str:
-    """Fill ``{name}`` placeholders with shell-quoted values (same rule as ``epiconsole.config.fill``)."""
-    parts: list[str] = []
-    for literal, name, spec, conv in string.Formatter().parse(template):
-        parts.append(literal)
-        if name is None:
-            continue
-        if spec or conv:
-            raise ValueError(f"placeholder {{{name}}} may not carry a format spec or conversion")
-        if name not in values:
-            raise KeyError(f"template needs a value for {{{name}}}")
-        parts.append(quote_value(values[name]))
-    return "".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------

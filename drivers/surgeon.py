@@ -21,7 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from drivers.ssh import STDERR_TAIL, RemoteStream, SshPool, fill
+from drivers.ssh import STDERR_TAIL, RemoteStream, SshPool
+from drivers.templates import fill
 
 SURGEON_TEMPLATES = frozenset({"surgery", "validate", "convert", "push"})
 

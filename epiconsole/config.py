@@ -16,8 +16,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shlex
-import string
 import tomllib
 import types
 from collections.abc import Mapping
@@ -25,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from drivers.templates import fill, placeholders, quote_value  # noqa: F401  (part of this module's API)
 from epiconsole.errors import ConfigError
 
 ENV_VAR = "EPICONSOLE_CONFIG"
@@ -107,12 +106,13 @@ class CommandsConfig:
     start_worker: str = (
         "setsid nohup dllama worker --port {port} --nthreads {nthreads} > /tmp/dllama-worker.log 2>&1 < /dev/null &"
     )
-    stop_worker: str = "pkill -f 'dllama worker' || true"
+    #: The bracket keeps pkill from matching the remote shell that runs this very command line.
+    stop_worker: str = "pkill -f '[d]llama worker' || true"
     start_root: str = (
         "setsid nohup dllama-api --port {port} --model {model} --tokenizer {tokenizer} --buffer-float-type q80"
         " --nthreads {nthreads} --workers {workers} > /tmp/dllama-api.log 2>&1 < /dev/null &"
     )
-    stop_root: str = "pkill -f dllama-api || true"
+    stop_root: str = "pkill -f '[d]llama-api' || true"
     health: str = (
         "vcgencmd measure_temp; vcgencmd get_throttled; vcgencmd measure_clock arm;"
         " cat /sys/devices/system/cpu/cpufreq/policy0/scaling_governor; cat /proc/loadavg"
@@ -313,31 +313,6 @@ class LabConfig:
 
 # --------------------------------------------------------------------------------------------------
 # Templates
-
-
-def placeholders(template: str) -> set[str]:
-    return {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-
-
-def quote_value(value: Any) -> str:
-    if isinstance(value, list | tuple):
-        return " ".join(shlex.quote(str(v)) for v in value)
-    return shlex.quote(str(value))
-
-
-def fill(template: str, **values: Any) -> str:
-    """Fill ``{name}`` placeholders with shell-quoted values (lists become several quoted words)."""
-    missing = placeholders(template) - set(values)
-    if missing:
-        raise KeyError(f"template needs values for: {', '.join(sorted(missing))}")
-    parts: list[str] = []
-    for literal, fname, spec, conv in string.Formatter().parse(template):
-        parts.append(literal)
-        if fname is not None:
-            if spec or conv:
-                raise ValueError(f"placeholder {{{fname}}} may not carry a format spec or conversion")
-            parts.append(quote_value(values[fname]))
-    return "".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------

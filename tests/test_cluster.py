@@ -28,8 +28,8 @@ from drivers.ssh import (
     HostUnreachable,
     SshPool,
     SshTimeout,
-    fill,
 )
+from drivers.templates import fill
 from epiconsole.sim.modelfile import write_model_file
 from epiconsole.sim.physics import Deployed
 from tests.ssh_fixtures import SimHosts, eventually, free_port, sim_hosts  # noqa: F401  (fixture)

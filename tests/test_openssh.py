@@ -15,7 +15,8 @@ import asyncssh
 import pytest
 
 from drivers.cluster import Cluster
-from drivers.ssh import AuthRefused, HostKeyMismatch, HostKeyUnknown, SshPool, SshTimeout, fill
+from drivers.ssh import AuthRefused, HostKeyMismatch, HostKeyUnknown, SshPool, SshTimeout
+from drivers.templates import fill
 from epiconsole.config import CommandsConfig
 from tests.ssh_fixtures import OpenSSHServer, eventually, openssh, pgrep  # noqa: F401  (fixture)
 

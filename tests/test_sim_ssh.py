@@ -13,7 +13,8 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from drivers.ssh import AuthRefused, HostUnreachable, SshPool, fill
+from drivers.ssh import AuthRefused, HostUnreachable, SshPool
+from drivers.templates import fill
 from epiconsole.sim.modelfile import read_model_file, write_model_file
 from epiconsole.sim.physics import Deployed
 from epiconsole.sim.shell import (
