@@ -166,7 +166,7 @@ async def _one_trial(ledger: Ledger, physics: Physics, trial_id: int, conf: Conf
             "duration_seconds": duration,
             "kwh_total": joules / 3.6e6,
             "method": "wh_counter",
-            "per_node": {k: {"joules": v, "coverage": 1.0} for k, v in per_node.items()},
+            "per_node": {k: {"channel": int(k[2:]), "joules": v, "coverage": 1.0} for k, v in per_node.items()},
         },
         "accuracy": {**acc, "composite": composite},
         "epi": {"value": jpt / composite, "joules_per_token": jpt, "accuracy_composite": composite},

@@ -1,0 +1,212 @@
+"""Export: the paper's data/ layout from a real ledger file, checked by reading the files back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from epiconsole.cli import main
+from epiconsole.config import sim_defaults
+from epiconsole.errors import UserError
+from epiconsole.export import ExportResult, export_campaign, verify
+from epiconsole.ledger import Ledger
+from epiconsole.matrix import builtin
+from tests.analysis_fixtures import Built, build_campaign
+
+INVALID = {("drop3_early", 2): ["gap of 2.40 s on pi1 (limit 1 s)"]}
+FAILED = {("drop8_late", 3)}
+
+
+def _export(path: Path, out: Path, **kw: object) -> ExportResult:
+    async def go() -> ExportResult:
+        async with await Ledger.open(path, readonly=True) as ledger:
+            return await export_campaign(ledger, out, cfg=sim_defaults(), **kw)  # type: ignore[arg-type]
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory: pytest.TempPathFactory) -> tuple[Built, ExportResult]:
+    """A simulated 25 x 3 campaign (one invalid, one failed repetition) exported once for the module."""
+    root = tmp_path_factory.mktemp("export")
+    built = asyncio.run(build_campaign(root / "ledger.sqlite", invalid=INVALID, failed=FAILED))
+    return built, _export(built.path, root / "data")
+
+
+def _integrate_csv(path: Path, duration: float) -> float:
+    """Independent reading of a power trace: trapezoids of watts over device_s, clipped to the window."""
+    text = path.read_text()
+    per_node: dict[str, list[tuple[float, float]]] = {}
+    for row in csv.DictReader(io.StringIO("".join(line for line in text.splitlines(True) if not line.startswith("#")))):
+        per_node.setdefault(row["node"], []).append((float(row["device_s"]), float(row["watts"])))
+    total = 0.0
+    for pairs in per_node.values():
+        t, w = np.array(sorted(pairs)).T
+        grid = np.concatenate([[0.0], t[(t > 0) & (t < duration)], [duration]])
+        total += float(np.trapezoid(np.interp(grid, t, w), grid))
+    return total
+
+
+def test_every_repetition_of_the_matrix_is_exported_complete(full: tuple[Built, ExportResult]) -> None:
+    built, result = full
+    out = result.out
+    plan = builtin("pruning")
+    assert result.simulated and result.campaign_id == built.campaign_id
+    assert {p.name for p in out.iterdir() if p.is_dir()} == set(plan.ids())
+    complete = [t for t in result.trials if t.complete]
+    assert len(complete) == 74  # 75 minus the failed one
+    for c in plan.configurations:
+        for rep in (1, 2, 3):
+            names = {f"run_{rep:03d}.json", f"power_trace_{rep:03d}.csv", f"benchmark_{rep:03d}.json",
+                     f"epi_{rep:03d}.json"}
+            present = {p.name for p in (out / c.id).glob(f"*_{rep:03d}.*")}
+            if (c.id, rep) in FAILED:
+                assert present == {f"run_{rep:03d}.json"}
+            else:
+                assert present == names
+
+
+def test_consistency_of_every_repetition_read_back_independently(full: tuple[Built, ExportResult]) -> None:
+    built, result = full
+    checked = 0
+    for (config_id, rep), stored in built.epi.items():
+        doc = json.loads((result.out / config_id / f"epi_{rep:03d}.json").read_text())
+        e, acc, value = doc["energy"], doc["accuracy"], doc["epi"]
+        assert set(e) >= {"total_joules", "total_tokens", "joules_per_token", "avg_watts_cluster",
+                          "peak_watts_cluster", "duration_seconds", "kwh_total"}
+        assert set(value) >= {"value", "joules_per_token", "accuracy_composite"}
+        assert "environment" in doc and "run_metadata" in doc
+        assert e["total_joules"] == pytest.approx(stored["energy"]["total_joules"], rel=1e-12)
+        assert value["value"] == pytest.approx(e["joules_per_token"] / acc["composite"], rel=1e-9)
+        assert e["joules_per_token"] == pytest.approx(e["total_joules"] / e["total_tokens"], rel=1e-9)
+        assert e["kwh_total"] == pytest.approx(e["total_joules"] / 3.6e6)
+        traced = _integrate_csv(result.out / config_id / f"power_trace_{rep:03d}.csv", e["duration_seconds"])
+        assert traced == pytest.approx(e["total_joules"], rel=0.01)
+        checked += 1
+    assert checked == 74
+    assert verify(result.out) == (74, [])
+    assert result.problems == ()
+
+
+def test_simulated_is_said_in_every_file(full: tuple[Built, ExportResult]) -> None:
+    _built, result = full
+    files = [p for p in result.out.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert len(files) == result.files
+    for p in files:
+        if p.suffix == ".json":
+            assert json.loads(p.read_text())["simulated"] is True, p
+        else:
+            assert p.read_text().splitlines()[0] == "# SIMULATED DATA", p
+    epi = json.loads((result.out / "baseline" / "epi_001.json").read_text())
+    assert epi["environment"]["simulated"] is True and epi["run_metadata"]["simulated"] is True
+
+
+def test_invalid_and_failed_repetitions_keep_their_reasons(full: tuple[Built, ExportResult]) -> None:
+    _built, result = full
+    run = json.loads((result.out / "drop3_early" / "run_002.json").read_text())
+    assert run["valid"] is False and run["reasons"] == INVALID[("drop3_early", 2)]
+    assert [s["stage"] for s in run["stages"]] == ["benchmark", "calculate"]
+    epi = json.loads((result.out / "drop3_early" / "epi_002.json").read_text())
+    assert epi["run_metadata"]["valid"] is False
+    failed = json.loads((result.out / "drop8_late" / "run_003.json").read_text())
+    assert failed["status"] == "failed" and failed["reasons"] and failed["trace"] is None
+    rows = list(csv.DictReader(io.StringIO((result.out / "summary.csv").read_text().split("\n", 1)[1])))
+    drop3 = next(r for r in rows if r["config_id"] == "drop3_early")
+    assert (drop3["valid"], drop3["invalid"]) == ("2", "1")
+    reps = (result.out / "repetitions.csv").read_text()
+    assert "gap of 2.40 s on pi1" in reps
+
+
+def test_trace_rows_cover_the_window_with_one_sample_beyond_each_end(full: tuple[Built, ExportResult]) -> None:
+    built, result = full
+    text = (result.out / "drop5_all" / "power_trace_001.csv").read_text().split("\n", 1)[1]
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert {r["node"] for r in rows} == {"pi0", "pi1", "pi2", "pi3"}
+    dev = sorted({float(r["device_s"]) for r in rows})
+    duration = built.epi[("drop5_all", 1)]["energy"]["duration_seconds"]
+    assert dev[0] < 0 <= dev[1] and dev[-2] <= duration < dev[-1]
+    assert {r["in_window"] for r in rows if 0 <= float(r["device_s"]) <= duration} == {"1"}
+    assert all(r["watts"] and r["volts"] and r["wh"] for r in rows)
+
+
+def test_verify_catches_a_tampered_energy_figure(full: tuple[Built, ExportResult], tmp_path: Path) -> None:
+    _built, result = full
+    copy = tmp_path / "data"
+    shutil.copytree(result.out, copy)
+    p = copy / "drop2_all" / "epi_001.json"
+    doc = json.loads(p.read_text())
+    doc["energy"]["total_joules"] *= 1.05
+    doc["energy"]["joules_per_token"] = doc["energy"]["total_joules"] / doc["energy"]["total_tokens"]
+    doc["epi"]["value"] = doc["energy"]["joules_per_token"] / doc["accuracy"]["composite"]
+    p.write_text(json.dumps(doc))
+    (copy / "drop4_late" / "benchmark_002.json").unlink()
+    checked, problems = verify(copy)
+    assert checked == 73
+    assert any(x.startswith("drop2_all rep 1: trace_within_1pct failed") for x in problems)
+    assert any(x.startswith("drop4_late rep 2: missing benchmark_002.json") for x in problems)
+    assert len(problems) == 2
+
+
+async def test_real_campaign_not_simulated_has_no_simulated_marks(tmp_path: Path) -> None:
+    built = await build_campaign(tmp_path / "ledger.sqlite", only=["baseline", "drop1_all"], reps=1, simulated=False)
+    async with await Ledger.open(built.path, readonly=True) as ledger:
+        result = await export_campaign(ledger, tmp_path / "out", cfg=None)
+    assert not result.simulated and result.complete == 2
+    assert json.loads((tmp_path / "out" / "baseline" / "epi_001.json").read_text())["simulated"] is False
+    for name in ("summary.csv", "report.md", "drop1_all/power_trace_001.csv"):
+        assert "SIMULATED" not in (tmp_path / "out" / name).read_text()
+
+
+async def test_out_dir_safety_and_re_export(tmp_path: Path) -> None:
+    built = await build_campaign(tmp_path / "ledger.sqlite", only=["baseline"], reps=1)
+    foreign = tmp_path / "thesis"
+    foreign.mkdir()
+    (foreign / "chapter1.tex").write_text("precious")
+    async with await Ledger.open(built.path, readonly=True) as ledger:
+        with pytest.raises(UserError, match="not empty and not an earlier export"):
+            await export_campaign(ledger, foreign, cfg=sim_defaults())
+        first = await export_campaign(ledger, tmp_path / "out", cfg=sim_defaults())
+        again = await export_campaign(ledger, tmp_path / "out", cfg=sim_defaults())  # an earlier export: fine
+        with pytest.raises(UserError, match="holds no campaign 99"):
+            await export_campaign(ledger, tmp_path / "out", cfg=sim_defaults(), campaign_id=99)
+    assert first.complete == again.complete == 1
+    assert (foreign / "chapter1.tex").read_text() == "precious"
+
+
+async def test_unfinished_campaign_exports_what_exists(tmp_path: Path) -> None:
+    pending = {("drop1_all", 2), ("drop1_all", 3)}
+    built = await build_campaign(tmp_path / "ledger.sqlite", only=["baseline", "drop1_all"], pending=pending, finish=None)
+    async with await Ledger.open(built.path, readonly=True) as ledger:
+        result = await export_campaign(ledger, tmp_path / "out", cfg=sim_defaults())
+    assert result.complete == 4 and len(result.trials) == 4
+    assert not (tmp_path / "out" / "drop1_all" / "run_002.json").exists()
+    assert "status: unfinished" in (tmp_path / "out" / "report.md").read_text()
+
+
+def _cli(args: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_exports_and_reports(tmp_path: Path) -> None:
+    built = asyncio.run(build_campaign(tmp_path / "ledger.sqlite", only=["baseline", "drop1_all", "drop2_all"], reps=2))
+    code, out, _ = _cli(["export", "--ledger", str(built.path), "--out", str(tmp_path / "data"), "--json"])
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["complete"] == 6 and summary["checked"] == 6 and summary["problems"] == []
+    code, out, _ = _cli(["export", "--ledger", str(built.path), "--out", str(tmp_path / "data")])
+    assert code == 0 and "6 complete repetitions (6 valid)" in out and "SIMULATED" in out
+    code, _, err = _cli(["export", "--ledger", str(tmp_path / "none.sqlite"), "--out", str(tmp_path / "x")])
+    assert code == 2 and "No ledger at" in err and "Traceback" not in err
+    assert math.isfinite(json.loads((tmp_path / "data" / "drop2_all" / "epi_002.json").read_text())["epi"]["value"])
