@@ -1127,7 +1127,9 @@ async def _pump(reader: asyncio.StreamReader | None, sink: Sink) -> None:
 
 async def h_epiconsole(sh: Shell, argv: list[str], io: Io) -> int:
     """The real CLI (the surgeon toolkit) as a subprocess, its output streamed to the session."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The surgeon's tensor-hash cache stays inside the lab, not in the user's cache directory.
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               EPICONSOLE_SURGEON_CACHE=str(sh.m.root_dir / sh.m.name / "surgeon-hashes.json"))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "epiconsole", *argv[1:], cwd=sh.cwd, env=env,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -1140,10 +1142,14 @@ async def h_epiconsole(sh: Shell, argv: list[str], io: Io) -> int:
         return await proc.wait()
     finally:
         if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(proc.wait(), 5.0)
+            # SIGTERM first, like a hang-up: the surgeon removes its partial output at once.
+            for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(asyncio.shield(proc.wait()), grace)
+                if proc.returncode is not None:
+                    break
 
 
 COMMON: dict[str, Handler] = {
