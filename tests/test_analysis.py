@@ -4,51 +4,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from epiconsole.analysis import analyze, repetitions
-from epiconsole.ledger import Ledger, Trial, TrialResult
-from epiconsole.matrix import builtin
-from tests.analysis_fixtures import build_campaign
-
-# ------------------------------------------------------------------------------------------ helpers
-
-
-def result(config_id: str, rep: int, *, experts: int = 0, target: str | None = None, ord_: int = 0,
-           joules: float | None = 1000.0, tokens: int = 1000, acc: float | None = 0.76, seconds: float = 100.0,
-           status: str = "done", valid: bool | None = True, reasons: tuple[str, ...] = (),
-           strategy: str | None = None, tid: int = 0) -> TrialResult:
-    """A TrialResult as the ledger returns it, with an EPI result in the seed schema."""
-    trial = Trial(id=tid or hash((config_id, rep)) % 100000, campaign_id=1, config_id=config_id, rep=rep, ord=ord_,
-                  experts=experts, target=target, status=status, valid=valid, reasons=reasons, updated_at=0.0,
-                  config={"strategy": strategy})
-    if status != "done":
-        return TrialResult(trial, None, None)
-    jpt = None if joules is None else joules / tokens
-    value = None if jpt is None or acc is None else jpt / acc
-    epi = {
-        "energy": {"total_joules": joules, "total_tokens": tokens, "joules_per_token": jpt,
-                   "duration_seconds": seconds, "avg_watts_cluster": None if joules is None else joules / seconds},
-        "accuracy": {"mmlu": acc, "arc_challenge": acc, "composite": acc, "stderr": {"mmlu": 0.01}},
-        "epi": {"value": value, "joules_per_token": jpt, "accuracy_composite": acc},
-        "validity": {"valid": bool(valid), "reasons": list(reasons)},
-    }
-    return TrialResult(trial, {"composite": acc, "window": {"t0": 10.0, "t1": 10.0 + seconds}}, epi)
-
-
-def matrix_results(loss_pts: Any, jpt_of: Any, tolerance_reps: int = 3) -> list[TrialResult]:
-    """Results for the whole pruning plan with accuracy loss and J/token given as functions of (n, target)."""
-    out = []
-    for c in builtin("pruning").configurations:
-        for rep in range(1, tolerance_reps + 1):
-            acc = 0.76 - loss_pts(c.experts, c.target) / 100.0
-            jpt = jpt_of(c.experts, c.target) * (1 + 0.001 * (rep - 2))
-            out.append(result(c.id, rep, experts=c.experts, target=c.target, ord_=c.order, joules=jpt * 1000,
-                              tokens=1000, acc=acc, strategy=c.strategy))
-    return out
-
+from epiconsole.ledger import Ledger
+from tests.analysis_fixtures import build_campaign, paper_like_results, result
 
 # ------------------------------------------------------------------------------------------ records
 
@@ -105,22 +66,8 @@ def test_configuration_without_valid_repetitions_has_no_figures() -> None:
 # ------------------------------------------------------------------------------------------ curves, depths
 
 
-def _paper_like() -> list[TrialResult]:
-    # Accuracy loss of the simulated physics model (remove: 0.15 n^1.5 points; zero: 0.6 n early, 0.3 n late)
-    # and a J/token that falls with depth: EPI is lowest at 5 for 'all' while accuracy allows only 3.
-    def loss(n: int, target: str | None) -> float:
-        if n == 0:
-            return 0.0
-        return 0.15 * n**1.5 if target == "all" else {"early": 0.6, "late": 0.3}[target] * n
-
-    def jpt(n: int, target: str | None) -> float:
-        return 1.2 * (1 - 0.012 * n) if target == "all" else 1.2 * (1 - 0.001 * n)
-
-    return matrix_results(loss, jpt)
-
-
 def test_curves_start_at_the_baseline_and_follow_depth() -> None:
-    a = analyze(_paper_like())
+    a = analyze(paper_like_results())
     assert [c.target for c in a.curves] == ["all", "early", "late"]
     for curve in a.curves:
         xs = [p.experts for p in curve.points]
@@ -129,7 +76,7 @@ def test_curves_start_at_the_baseline_and_follow_depth() -> None:
 
 
 def test_epi_optimal_and_accuracy_optimal_depths() -> None:
-    res = _paper_like()
+    res = paper_like_results()
     a = analyze(res, tolerance_pts=1.0)
     d = {x.target: x for x in a.depths}
     # Independent expectation from the model: EPI(n) = 1.2 (1 - 0.012 n) / (0.76 - 0.0015 n^1.5).
@@ -144,7 +91,7 @@ def test_epi_optimal_and_accuracy_optimal_depths() -> None:
 
 
 def test_pareto_set_holds_exactly_the_non_dominated_configurations() -> None:
-    a = analyze(_paper_like())
+    a = analyze(paper_like_results())
     points = {c.config_id: (c.jpt.median, c.accuracy.median) for c in a.configs if c.jpt and c.accuracy}
     expected = {
         cid for cid, (j, acc) in points.items()
@@ -170,14 +117,14 @@ def test_decomposition_splits_the_energy_change_exactly() -> None:
 
 
 def test_paper_tables_all_early_late_and_best_of() -> None:
-    a = analyze(_paper_like())
+    a = analyze(paper_like_results())
     titles = [t.title for t in a.tables]
     assert titles == ["All layers", "Early layers only", "Late layers only", "Best of"]
     for t in a.tables[:3]:
         assert len(t.rows) == 9 and t.rows[0][1] == "baseline"
         assert all(len(r) == len(t.headers) for r in t.rows)
     best = {r[0]: r for r in a.tables[3].rows}
-    assert best["All layers"][5] == str(analyze(_paper_like()).depths[0].epi_optimal)
+    assert best["All layers"][5] == str(analyze(paper_like_results()).depths[0].epi_optimal)
     assert best["All layers"][6] == "3"
     assert "Overall" in best
 
