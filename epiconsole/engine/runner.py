@@ -260,6 +260,15 @@ class Engine:
 
     # --------------------------------------------------------------------------------- campaign
 
+    async def reopen(self, campaign_id: int) -> int:
+        """Run campaign ``campaign_id`` again with its stored plan (after a retry put trials back)."""
+        campaign = await self.ledger.campaign(campaign_id)
+        if campaign is None:
+            raise KeyError(f"no campaign {campaign_id}")
+        self.plan = plan_from_stored(campaign.plan)
+        self.campaign_id = campaign.id
+        return await self._load_trials(resumed=True)
+
     async def open(self, plan: Plan, *, resume: bool = False) -> int:
         """Continue the latest unfinished campaign (``resume``) or start a new one with ``plan``."""
         latest = await self.ledger.latest_campaign()
@@ -275,6 +284,10 @@ class Engine:
                 plan.name, plan.to_dict(), self.cfg.digest(), self.cfg.simulated, campaign_provenance(self.cfg)
             )
             resumed = False
+        return await self._load_trials(resumed)
+
+    async def _load_trials(self, resumed: bool) -> int:
+        assert self.plan is not None and self.campaign_id is not None
         rows = [
             {"config_id": c.id, "rep": r, "ord": c.order, "experts": c.experts, "target": c.target,
              "data": dataclasses.asdict(c)}
