@@ -131,10 +131,32 @@ class SimulatedLab:
             source=str(self.config_path),
         )
         cfgmod.validate(self.config)
+        await self._boot_cluster(world["models"])
         self.config_path.write_text(
             "# A lab config pointing at a running simulated lab (written by epiconsole).\n" + cfgmod.dumps(self.config)
         )
         return self.config
+
+    async def _boot_cluster(self, models: Path) -> None:
+        """The simulated cluster comes up serving the unmodified model, as a lab's cluster usually is.
+
+        Started through the real drivers over SSH, so the lab is booted the way the engine deploys."""
+        from epiconsole import labdrivers
+        from epiconsole.sim.modelfile import write_model_file
+        from epiconsole.sim.physics import Deployed
+
+        assert self.config is not None
+        model = write_model_file(models / "dllama_model_baseline_q40.m", Deployed(config_id="baseline"))
+        tokenizer = models / "dllama_tokenizer_baseline.t"
+        tokenizer.write_bytes(b"#SIMULATED-DLLAMA-TOKENIZER v1\n")
+        pool = labdrivers.ssh_pool(self.config)
+        try:
+            cluster = labdrivers.cluster(self.config, pool)
+            await cluster.start_workers()
+            await cluster.start_root(str(model), str(tokenizer))
+            await cluster.wait_api_ready(timeout=self.config.cluster.api_ready_timeout_s, interval=0.05)
+        finally:
+            await pool.close()
 
     async def stop(self) -> None:
         if self.ssh is not None:

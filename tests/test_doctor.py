@@ -1,0 +1,71 @@
+"""``epiconsole doctor`` against the simulated lab, in-process and from another process, and against
+a broken lab (every failure says what to do)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+NAMES = ["meter", "dgx", "pi0", "pi1", "pi2", "pi3", "api"]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    e = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "data"), XDG_CONFIG_HOME=str(tmp_path / "config"))
+    e.pop("EPICONSOLE_CONFIG", None)
+    return e
+
+
+def doctor(env: dict[str, str], *args: str) -> tuple[int, dict]:
+    proc = subprocess.run([sys.executable, "-m", "epiconsole", "doctor", "--json", *args],
+                          capture_output=True, text=True, timeout=180, env=env)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_doctor_sim_passes_all_seven_checks(env: dict[str, str]) -> None:
+    rc, out = doctor(env, "--sim")
+    assert [c["name"] for c in out["checks"]] == NAMES
+    assert all(c["ok"] for c in out["checks"]), out
+    assert rc == 0
+    meter = next(c for c in out["checks"] if c["name"] == "meter")
+    assert "simulated" in meter["detail"]
+
+
+def test_standalone_sim_and_doctor_in_another_process(env: dict[str, str], tmp_path: Path) -> None:
+    lab = subprocess.Popen([sys.executable, "-m", "epiconsole", "sim", "--dir", str(tmp_path / "lab")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert lab.stdout is not None
+        config_path = lab.stdout.readline().strip()
+        assert config_path.endswith("lab.toml"), lab.stderr.read() if lab.stderr else ""
+        rc, out = doctor(env, "--config", config_path)
+        assert rc == 0, out
+        assert all(c["ok"] for c in out["checks"])
+    finally:
+        lab.send_signal(signal.SIGINT)
+        assert lab.wait(timeout=30) == 0
+
+
+def test_broken_lab_says_what_to_do(env: dict[str, str], tmp_path: Path) -> None:
+    hosts = "".join(
+        f"[hosts.{n}]\naddress = '127.0.0.1'\nport = 1\nknown_hosts = '{tmp_path}/kh'\nconnect_timeout_s = 2.0\n"
+        for n in NAMES[1:6]
+    )
+    cfg = tmp_path / "lab.toml"
+    cfg.write_text(f"[meter]\nport = '{tmp_path}/no-such-tty'\n[cluster]\napi_host = '127.0.0.1'\napi_port = 1\n{hosts}")
+    rc, out = doctor(env, "--config", str(cfg))
+    assert rc == 1
+    by_name = {c["name"]: c for c in out["checks"]}
+    assert not any(c["ok"] for c in out["checks"])
+    assert "[meter] port" in by_name["meter"]["detail"]
+    assert "127.0.0.1" in by_name["pi2"]["detail"]
+    assert "dllama-api" in by_name["api"]["detail"]
+    for c in out["checks"]:
+        assert "\n" not in c["detail"]
