@@ -149,11 +149,17 @@ def test_verify_catches_a_tampered_energy_figure(full: tuple[Built, ExportResult
     doc["epi"]["value"] = doc["energy"]["joules_per_token"] / doc["accuracy"]["composite"]
     p.write_text(json.dumps(doc))
     (copy / "drop4_late" / "benchmark_002.json").unlink()
+    # An invalid repetition is still held to the identities.
+    q = copy / "drop3_early" / "epi_002.json"
+    bad = json.loads(q.read_text())
+    bad["epi"]["value"] *= 0.9
+    q.write_text(json.dumps(bad))
     checked, problems = verify(copy)
     assert checked == 73
     assert any(x.startswith("drop2_all rep 1: trace_within_1pct failed") for x in problems)
     assert any(x.startswith("drop4_late rep 2: missing benchmark_002.json") for x in problems)
-    assert len(problems) == 2
+    assert any(x.startswith("drop3_early rep 2: epi_is_jpt_over_accuracy failed") for x in problems)
+    assert len(problems) == 3
 
 
 async def test_real_campaign_not_simulated_has_no_simulated_marks(tmp_path: Path) -> None:
@@ -210,3 +216,35 @@ def test_cli_exports_and_reports(tmp_path: Path) -> None:
     code, _, err = _cli(["export", "--ledger", str(tmp_path / "none.sqlite"), "--out", str(tmp_path / "x")])
     assert code == 2 and "No ledger at" in err and "Traceback" not in err
     assert math.isfinite(json.loads((tmp_path / "data" / "drop2_all" / "epi_002.json").read_text())["epi"]["value"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(280)
+def test_export_of_a_real_simulated_run(tmp_path: Path) -> None:
+    """The engine's own results: `epiconsole run --headless --sim` on two configurations, then export."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "lab.toml"
+    cfg.write_text(f'[lab]\nname = "sim"\nsimulated = true\nledger = "{tmp_path / "ledger.sqlite"}"\n')
+    env = {k: v for k, v in os.environ.items() if k != "EPICONSOLE_CONFIG"}
+    run = subprocess.run(
+        [sys.executable, "-m", "epiconsole", "run", "--headless", "--sim", "--config", str(cfg),
+         "--only", "baseline,drop1_all", "--reps", "1"],
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+    )
+    assert run.returncode in (0, 1), run.stdout[-2000:] + run.stderr[-2000:]  # 1: some repetition invalid
+    code, out, err = _cli(["export", "--config", str(cfg), "--out", str(tmp_path / "data"), "--json"])
+    summary = json.loads(out)
+    assert summary["complete"] == 2 and summary["simulated"] is True, err
+    for config_id in ("baseline", "drop1_all"):
+        doc = json.loads((tmp_path / "data" / config_id / "epi_001.json").read_text())
+        e = doc["energy"]
+        assert doc["simulated"] is True and e["total_joules"] and e["total_tokens"] > 0
+        assert e["joules_per_token"] == pytest.approx(e["total_joules"] / e["total_tokens"], rel=1e-9)
+        assert doc["epi"]["value"] == pytest.approx(e["joules_per_token"] / doc["accuracy"]["composite"], rel=1e-9)
+        traced = json.loads((tmp_path / "data" / config_id / "run_001.json").read_text())["trace"]["integrated_joules"]
+        if doc["run_metadata"]["valid"]:
+            assert traced == pytest.approx(e["total_joules"], rel=0.01)
+    assert code == (1 if summary["problems"] else 0) and summary["problems"] == []
