@@ -33,6 +33,7 @@ import csv
 import io
 import json
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -233,18 +234,27 @@ def build_trace(block: Any, t0: float, t1: float, channels: Sequence[tuple[int, 
 
 def trace_csv(trace: Trace, simulated: bool) -> str:
     """The power trace as CSV text: one row per tick and node, in time order."""
-    buf = io.StringIO()
-    if simulated:
-        buf.write(SIMULATED_LINE + "\n")
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(TRACE_HEADER)
-    for i in range(trace.t.shape[0]):
-        ts, ds, ms, inw = f"{trace.t[i]:.3f}", f"{trace.device_s[i]:.4f}", str(int(trace.ms[i])), int(trace.in_window[i])
-        for ch, node in trace.channels:
-            w.writerow((ts, ds, ms, inw, node, ch, _cell(trace.W[i, ch], ".4f"), _cell(trace.V[i, ch], ".2f"),
-                        _cell(trace.A[i, ch], ".3f"), _cell(trace.PF[i, ch], ".3f"), _cell(trace.VAR[i, ch], ".3f"),
-                        _cell(trace.Hz[i, ch], ".2f"), _cell(trace.Wh[i, ch], ".6f")))
-    return buf.getvalue()
+    head = ",".join(TRACE_HEADER) + "\n"
+    n = trace.t.shape[0]
+    if n == 0 or not trace.channels:
+        return (SIMULATED_LINE + "\n" if simulated else "") + head
+    # One %-format per channel with the node name baked in, applied to plain Python floats: about
+    # five times faster than csv.writer on numpy scalars (a long window has millions of rows).
+    cols = [trace.t, trace.device_s, trace.ms.astype(np.float64), trace.in_window.astype(np.float64)]
+    per_tick = np.column_stack(cols).tolist()
+    lines: list[str] = []
+    for ch, node in trace.channels:
+        fmt = f"%.3f,%.4f,%d,%d,{node},{ch},%.4f,%.2f,%.3f,%.3f,%.3f,%.2f,%.6f"
+        vals = np.column_stack([trace.W[:, ch], trace.V[:, ch], trace.A[:, ch], trace.PF[:, ch],
+                                trace.VAR[:, ch], trace.Hz[:, ch], trace.Wh[:, ch]]).tolist()
+        lines.append([fmt % (*a, *b) for a, b in zip(per_tick, vals, strict=True)])  # type: ignore[arg-type]
+    # Interleave so rows go tick by tick, node by node.
+    rows = [row for group in zip(*lines, strict=True) for row in group]
+    body = "\n".join(rows) + "\n"
+    if "nan" in body:
+        # A missing value is an empty cell, never 0 and never the string nan.
+        body = re.sub(r"(?<=,)nan(?=,|\n)", "", body)
+    return (SIMULATED_LINE + "\n" if simulated else "") + head + body
 
 
 def read_trace(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
