@@ -248,3 +248,30 @@ def test_export_of_a_real_simulated_run(tmp_path: Path) -> None:
         if doc["run_metadata"]["valid"]:
             assert traced == pytest.approx(e["total_joules"], rel=0.01)
     assert code == (1 if summary["problems"] else 0) and summary["problems"] == []
+
+
+def test_missing_values_in_the_trace_are_empty_cells_never_zero() -> None:
+    from epiconsole.export import Trace, trace_csv
+
+    n = 3
+    w = np.array([[10.0, 11.0], [np.nan, 11.5], [10.2, np.nan]])
+    other = np.full((n, 2), 1.0)
+    trace = Trace(t=np.array([1.0, 2.0, 3.0]), device_s=np.array([-0.5, 0.5, 1.5]), ms=np.array([0, 1000, 2000]),
+                  in_window=np.array([False, True, False]), channels=((0, "pi0"), (1, "pi1")),
+                  W=w, V=other, A=other, PF=other, VAR=other, Hz=other, Wh=np.array([[1.0, np.nan]] * n))
+    text = trace_csv(trace, simulated=False)
+    assert "nan" not in text.lower()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 6 and [r["node"] for r in rows[:2]] == ["pi0", "pi1"]
+    assert rows[2]["watts"] == "" and rows[5]["watts"] == "" and rows[1]["wh"] == ""
+    assert rows[3]["watts"] == "11.5000" and rows[3]["in_window"] == "1"
+
+
+def test_read_trace_round_trips(tmp_path: Path) -> None:
+    from epiconsole.export import read_trace
+
+    p = tmp_path / "t.csv"
+    p.write_text("# SIMULATED DATA\ntimestamp,device_s,node,watts\n1,0.5,pi0,\n1,0.0,pi0,3.5\n1,0,pi1,4\n")
+    tr = read_trace(p)
+    assert list(tr["pi0"][0]) == [0.0, 0.5] and tr["pi0"][1][0] == 3.5 and math.isnan(tr["pi0"][1][1])
+    assert list(tr["pi1"][1]) == [4.0]
