@@ -493,9 +493,12 @@ def verify(out: str | Path, gap_limit_s: float = 1.0) -> tuple[int, list[str]]:
             problems.append(f"{where}: missing {', '.join(missing)}")
             continue
         duration = _num((doc.get("energy") or {}).get("duration_seconds"))
+        run = json.loads((folder / f"run_{nnn}.json").read_text(encoding="utf-8"))
+        # The gap limit the export ran with (recorded in the run file) beats the caller's default.
+        limit = _num((run.get("trace") or {}).get("gap_limit_s")) or gap_limit_s
         traced = None
         if duration is not None:
-            traced = trace_joules(read_trace(folder / f"power_trace_{nnn}.csv"), duration, gap_limit_s)
+            traced = trace_joules(read_trace(folder / f"power_trace_{nnn}.csv"), duration, limit)
         c = consistency(doc, traced)
         checked += 1
         # The identities hold for every repetition with figures (a missing figure is not checked). The
