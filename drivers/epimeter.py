@@ -411,7 +411,9 @@ class ClockFit:
     averages out; the offset is the lower envelope (the smallest ``host - slope * device``) because
     a line can only arrive late, never early. ``residual`` is the RMS scatter of receive times about
     the least-squares line. :meth:`restart` (after a reboot) forgets the points but keeps the slope:
-    the board's crystal did not change.
+    the board's crystal did not change, and a slope fitted on the first few lines of the new boot
+    (a batch or two, all received at once) would be far worse than the one it replaced. The mapped
+    times of one boot never go backwards, even where a refit moves the line.
     """
 
     def __init__(self, window: int = 2048, refit_every: int = 32, min_points: int = 8) -> None:
@@ -422,7 +424,8 @@ class ClockFit:
         self._h = np.empty(window)
         self.slope = 1.0
         self.residual = math.nan
-        self._fitted = False
+        #: Points behind the current slope (0: not fitted yet).
+        self._slope_points = 0
         self.restart()
 
     def restart(self) -> None:
@@ -431,6 +434,7 @@ class ClockFit:
         self._since = 0
         self._d0 = self._h0 = math.nan
         self._off = math.nan  # offset relative to (d0, h0)
+        self._last = -math.inf  # the last mapped time of this boot
 
     @property
     def points(self) -> int:
@@ -454,12 +458,17 @@ class ClockFit:
         if self._n < self.window:
             self._n += 1
         self._since += 1
-        if self._since >= self.refit_every or (self._n <= self.min_points * 4 and self._n >= self.min_points):
+        # The first fits of the first boot: refit on every point until the slope has some support.
+        early = self._slope_points < self.min_points * 4 and self.min_points <= self._n <= self.min_points * 4
+        if self._since >= self.refit_every or early:
             self._refit()
         low = hh - self.slope * dd
         if low < self._off:
             self._off = low
-        return self._h0 + self._off + self.slope * dd
+        # A refit can move the line under the last mapped point; time within a boot never runs back.
+        t = max(self._h0 + self._off + self.slope * dd, self._last)
+        self._last = t
+        return t
 
     def map(self, d: float) -> float:
         """Device seconds to host time with the current fit."""
@@ -476,10 +485,13 @@ class ClockFit:
             return
         hm = h.mean()
         slope = float(dc @ (h - hm)) / var
-        if not slope > 0.0:
-            return  # nonsense from a degenerate window; keep the previous slope
-        self.slope = slope
-        self._fitted = True
+        # After a restart, keep the slope of the previous boot until this one has enough points to
+        # beat it (half a window: the window itself may have shrunk in time if the rate went up).
+        short = n < min(self._slope_points, self.window // 2)
+        if slope > 0.0 and not short:  # a degenerate window gives nonsense: keep the previous slope
+            self.slope = slope
+            self._slope_points = n
+        slope = self.slope
         r = h - slope * d
         self._off = float(r.min())
         self.residual = float(np.sqrt(np.mean((r - r.mean()) ** 2)))

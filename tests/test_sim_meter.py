@@ -144,21 +144,29 @@ async def test_fault_switches_take_effect(tmp_path) -> None:
             assert gap.cause == "reboot"
             first = next(x for x in col.samples if x.t >= gap.t1)
             assert first.ms < 1000 and all(c.Wh < 0.01 for c in first.channels)
+            await col.until(lambda: col.samples[-1].t > gap.t1 + 0.2, 3, "samples after the reboot")
+            ts = [x.t for x in col.samples]
+            assert all(b >= a for a, b in zip(ts, ts[1:], strict=False))  # mapped time never runs back
     finally:
         await sim.stop()
 
 
 async def test_scheduled_unplug_and_reboot_from_the_config(tmp_path) -> None:
     cfg = sim_defaults()
+    # Lab seconds: unplugged 0.6 s after the clock starts, replugged 0.5 s later, rebooted 1.4 s after that
+    # (time enough for the driver to reconnect first, even on a loaded machine).
     faults = dataclasses.replace(cfg.sim.faults, meter_unplug_at_s=36.0, meter_unplug_for_s=30.0,
-                                 meter_reboot_at_s=100.0)  # lab seconds: 0.6 s, 0.5 s and 1.7 s real
+                                 meter_reboot_at_s=150.0)
     lab = SimLab(dataclasses.replace(cfg, sim=dataclasses.replace(cfg.sim, faults=faults)), FreezableClock(SCALE))
+    lab.clock.freeze()  # lab time stands still until the driver is connected and heard the board
     sim = SimMeter(lab, 10.0, tmp_path)
     port = await sim.start()
     try:
         async with open_meter(port, reconnect_max_s=0.2) as (meter, col):
-            await meter.wait_connected(0.5)
-            await col.until(lambda: meter.status().reboots == 1, 4, "the scheduled reboot")
+            await meter.wait_connected(5)
+            await col.until(lambda: bool(col.of(MeterInfo)), 5, "the info line")
+            lab.clock.thaw()
+            await col.until(lambda: meter.status().reboots == 1, 10, "the scheduled reboot")
             assert (sim.emitted.unplugs, sim.emitted.reboots) == (1, 1)
             assert [g.cause for g in col.of(MeterGap)] == ["unplug", "reboot"]
             assert [e.connected for e in col.of(MeterState)] == [True, False, True]
