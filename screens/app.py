@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 from textual.app import App, SystemCommand
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import Screen
 
@@ -29,16 +30,22 @@ from screens.controllers.log import LogController
 from screens.controllers.matrix import MatrixController
 from screens.controllers.nodes import NodesController
 from screens.controllers.source import DataSource, LabState, read_state
-from screens.curves import CurvesScreen
 from screens.dashboard import DashboardScreen
-from screens.help import HelpScreen
-from screens.log import LogScreen
-from screens.matrix import MatrixDetailScreen, MatrixScreen
-from screens.nodes import NodesScreen
 from screens.options import ConsoleOptions
 from themes import BASE_TCSS, DEFAULT_THEME, builtin_themes, load_user_themes
 
 MODE_TITLES = {"dashboard": "Dashboard", "matrix": "Matrix", "curves": "Curves", "nodes": "Nodes", "log": "Log"}
+
+
+#: Every screen class with bindings (module in ``screens``, class name), for the keymap check and help.
+SCREEN_CLASSES = (("dashboard", "DashboardScreen"), ("matrix", "MatrixScreen"), ("curves", "CurvesScreen"),
+                  ("nodes", "NodesScreen"), ("log", "LogScreen"), ("matrix", "MatrixDetailScreen"))
+
+
+def _screen(module: str, cls: str) -> Screen:
+    import importlib
+
+    return getattr(importlib.import_module(f"screens.{module}"), cls)()
 
 
 class StateUpdated(Message):
@@ -71,12 +78,13 @@ class EpiConsoleApp(App[None]):
         Binding("q", "quit", "Quit", id="quit"),
     ]
 
+    #: Only the dashboard loads at start; the other screens (and plotext) load when first shown.
     MODES = {
         "dashboard": DashboardScreen,
-        "matrix": MatrixScreen,
-        "curves": CurvesScreen,
-        "nodes": NodesScreen,
-        "log": LogScreen,
+        "matrix": lambda: _screen("matrix", "MatrixScreen"),
+        "curves": lambda: _screen("curves", "CurvesScreen"),
+        "nodes": lambda: _screen("nodes", "NodesScreen"),
+        "log": lambda: _screen("log", "LogScreen"),
     }
 
     def __init__(self, options: ConsoleOptions) -> None:
@@ -120,10 +128,11 @@ class EpiConsoleApp(App[None]):
 
     def _all_bindings(self) -> list[Binding]:
         """Every binding with an id, app and screens (for the keymap check, help and the palette)."""
+        import importlib
+
         out = list(self.BINDINGS)  # type: ignore[arg-type]
-        for screen_cls in self.MODES.values():
-            out += list(getattr(screen_cls, "BINDINGS", []))
-        out += list(MatrixDetailScreen.BINDINGS)
+        for module, cls in SCREEN_CLASSES:
+            out += list(getattr(importlib.import_module(f"screens.{module}"), cls).BINDINGS)
         return [b for b in out if isinstance(b, Binding) and b.id]
 
     def key_for(self, binding_id: str, default: str) -> str:
@@ -133,26 +142,35 @@ class EpiConsoleApp(App[None]):
     # ------------------------------------------------------------------------------- lifecycle
 
     def on_mount(self) -> None:
-        self.source = self.options.source_factory()
-        self.commander = Commander(self.source, allow_control=self.options.allow_control)
         self.switch_mode("dashboard")
         if self.options.banner:
             self.notify(self.options.banner, timeout=6)
+        # Acquisition (and the ledger's imports) start after the first frame is on screen.
+        self.call_after_refresh(self._start_acquisition)
+
+    def _start_acquisition(self) -> None:
+        self._make_source()
         if self.options.poll_hz > 0:
             self.run_worker(self._poll_loop(), name="poll", group="acquisition", exclusive=True)
+
+    def _make_source(self) -> DataSource:
+        if self.source is None:
+            self.source = self.options.source_factory()
+            self.commander = Commander(self.source, allow_control=self.options.allow_control)
+        return self.source
 
     async def on_unmount(self) -> None:
         if self.source is not None:
             await self.source.close()
 
-    async def _ensure_open(self) -> DataSource:
-        assert self.source is not None, "on_mount creates the source"
-        await self.source.open()
-        return self.source
+    async def open_source(self) -> DataSource:
+        source = self._make_source()
+        await source.open()
+        return source
 
     async def refresh_data(self, with_results: bool = True) -> LabState:
         """Read the lab's state once and show it (the poll loop calls this; tests call it by hand)."""
-        source = await self._ensure_open()
+        source = await self.open_source()
         state = await read_state(source, self.state, with_results=with_results, clock=self.options.clock)
         await self.log_ctl.poll(source)
         self.post_message(StateUpdated(state))
@@ -190,12 +208,20 @@ class EpiConsoleApp(App[None]):
         with self.batch_update():
             for screen in screens:
                 render = getattr(screen, "render_state", None)
-                if render is not None and screen.is_mounted and getattr(screen, "ready", True):
+                if render is None or not screen.is_mounted or not getattr(screen, "ready", True):
+                    continue
+                try:
                     render()
+                except NoMatches:
+                    # A state that arrives while the app shuts down finds the screen's widgets gone.
+                    if not self._exit and screen in self.screen_stack and screen.children:
+                        raise
 
     # --------------------------------------------------------------------------------- actions
 
     def action_help(self) -> None:
+        from screens.help import HelpScreen
+
         self.push_screen(HelpScreen())
 
     def action_cycle_theme(self) -> None:
@@ -206,6 +232,7 @@ class EpiConsoleApp(App[None]):
 
     def lab_command(self, req: CommandRequest) -> None:
         """Ask (for destructive commands), then send ``req`` to the lab service in a worker."""
+        self._make_source()
         assert self.commander is not None
         refused = self.commander.refusal(req)
         if refused:

@@ -10,7 +10,7 @@ from textual.widgets import Digits, ProgressBar, Static
 
 from screens.base import ConsoleScreen
 from screens.controllers.dashboard import DashboardView
-from screens.widgets import NodeTile
+from screens.widgets import NodeTile, show_digits, show_text
 
 
 class DashboardScreen(ConsoleScreen):
@@ -52,19 +52,19 @@ class DashboardScreen(ConsoleScreen):
             tile.show(tv)
         for tile in tiles[len(v.tiles):]:
             tile.display = bool(not v.tiles)  # before the first reading, keep empty tiles as placeholders
-        self.query_one("#cluster-w", Digits).update(v.cluster_w)
-        self.query_one("#cluster-text", Static).update(Text(f"{v.cluster_w} W cluster", style="bold"))
+        show_digits(self.query_one("#cluster-w", Digits), v.cluster_w)
+        show_text(self.query_one("#cluster-text", Static), Text(f"{v.cluster_w} W cluster", style="bold"))
         energy = Text()
         energy.append("window ", style="dim")
         energy.append(v.window_j, style="bold")
         energy.append("  ")
         energy.append(v.live_jpt, style="bold")
         energy.append(f"  {v.window_tokens}", style="dim")
-        self.query_one("#energy", Static).update(energy)
+        show_text(self.query_one("#energy", Static), energy)
         run = Text()
         run.append(v.run_state.upper(), style="bold reverse" if v.run_state not in ("idle", "finished") else "bold")
         run.append(f"  {v.run_line}")
-        self.query_one("#run-line", Static).update(run)
+        show_text(self.query_one("#run-line", Static), run)
         stage = Text()
         stage.append("stage ", style="dim")
         stage.append(v.stage, style="bold")
@@ -72,21 +72,21 @@ class DashboardScreen(ConsoleScreen):
             stage.append(f"  {v.countdown}")
         if v.suspender:
             stage.append(f"  SUSPENDED: {v.suspender}", style="bold reverse")
-        self.query_one("#stage-line", Static).update(stage)
+        show_text(self.query_one("#stage-line", Static), stage)
         bar = self.query_one("#stage-progress", ProgressBar)
         # An indeterminate bar animates forever (CPU, unstable snapshots): hide it when progress is unknown.
         bar.display = v.stage_progress is not None
-        if v.stage_progress is not None:
+        if v.stage_progress is not None and bar.progress != round(100 * v.stage_progress, 1):
             bar.update(total=100, progress=round(100 * v.stage_progress, 1))
-        self.query_one("#trials-line", Static).update(f"repetitions {v.trials}  ETA {v.eta}")
+        show_text(self.query_one("#trials-line", Static), f"repetitions {v.trials}  ETA {v.eta}")
         amb = Text()
         amb.append("ambient ", style="dim")
         amb.append(v.ambient, style="bold" if v.ambient_ok is not False else "bold reverse")
         if v.ambient_ok is False:
             amb.append(" out of band", style="bold")
-        self.query_one("#ambient", Static).update(amb)
+        show_text(self.query_one("#ambient", Static), amb)
         meter = Text()
         meter.append("meter ", style="dim")
         meter.append(v.meter, style="" if v.meter_ok else "bold")
-        self.query_one("#meter", Static).update(meter)
-        self.query_one("#service", Static).update(Text(v.service, style="dim"))
+        show_text(self.query_one("#meter", Static), meter)
+        show_text(self.query_one("#service", Static), Text(v.service, style="dim"))

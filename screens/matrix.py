@@ -172,8 +172,8 @@ class MatrixDetailScreen(Screen[None]):
             "Matrix › detail", app.state.live.service.lab_name, app.simulated, not app.options.allow_control,
             app.state.live.run.state, app.problem, app.theme_variables.get("badge-sim", "orange"),
         )
-        assert app.source is not None
-        self.detail = await load_detail(app.source, app.state, self.trial_id, dict(app.options.channels))
+        source = await app.open_source()
+        self.detail = await load_detail(source, app.state, self.trial_id, dict(app.options.channels))
         self._draw()
 
     def _draw(self) -> None:

@@ -10,6 +10,19 @@ from textual.widgets import Digits, Sparkline, Static
 from screens.controllers.dashboard import NodeTileView
 
 
+def show_text(widget: Static, content: str | Text) -> None:
+    """Update a Static only when its content changed: an update costs a layout and a repaint, and most
+    polls change only a few figures."""
+    if getattr(widget, "_epi_shown", None) != content:
+        widget._epi_shown = content  # type: ignore[attr-defined]
+        widget.update(content)
+
+
+def show_digits(widget: Digits, value: str) -> None:
+    if widget.value != value:
+        widget.update(value)
+
+
 class TopBar(Static):
     """One line: app and screen name, lab, badges (SIMULATED, VIEW-ONLY), run state. No clock: the
     screen must be the same for the same lab state (snapshots)."""
@@ -35,7 +48,7 @@ class TopBar(Static):
         t.append(f"run: {run_state}", style="bold")
         if lab:
             t.append(f" · {lab}")
-        self.update(t)
+        show_text(self, t)
 
 
 class NodeTile(Vertical):
@@ -54,9 +67,13 @@ class NodeTile(Vertical):
     NodeTile .spark-caption { height: 1; color: $foreground 60%; }
     """
 
+    #: Sparklines redraw at most this often (acquisition runs faster; a sparkline gains nothing from it).
+    SPARK_INTERVAL_S = 0.5
+
     def __init__(self, index: int) -> None:
         super().__init__(id=f"tile-{index}", classes=f"series-{index % 4}")
         self.index = index
+        self._spark_at = -1e9
 
     def compose(self) -> ComposeResult:
         from textual.containers import Horizontal
@@ -74,22 +91,32 @@ class NodeTile(Vertical):
         yield Static("", classes="spark-caption")
 
     def show(self, v: NodeTileView) -> None:
-        self.border_title = f"{v.name} · {v.role}"
-        self.border_subtitle = v.health.upper() if v.health != "ok" else ""
+        import time
+
+        title = f"{v.name} · {v.role}"
+        if self.border_title != title:
+            self.border_title = title
+        subtitle = v.health.upper() if v.health != "ok" else ""
+        if self.border_subtitle != subtitle:
+            self.border_subtitle = subtitle
         for h in ("warn", "fault", "unknown"):
             self.set_class(v.health == h, f"-{h}")
-        self.query_one(".watts", Digits).update(v.watts)
-        self.query_one(".watts-text", Static).update(f"{v.watts} W   (10 s mean {v.mean_10s})")
-        self.query_one(".mean", Static).update(f"10 s mean {v.mean_10s}")
-        self.query_one(".elec", Static).update(f"{v.volts}  {v.amps}  PF {v.pf}")
-        self.query_one(".health", Static).update(f"{v.temp}  {v.clock}")
-        self.query_one(".gov", Static).update(f"governor {v.governor}")
+        show_digits(self.query_one(".watts", Digits), v.watts)
+        show_text(self.query_one(".watts-text", Static), f"{v.watts} W   (10 s mean {v.mean_10s})")
+        show_text(self.query_one(".mean", Static), f"10 s mean {v.mean_10s}")
+        show_text(self.query_one(".elec", Static), f"{v.volts}  {v.amps}  PF {v.pf}")
+        show_text(self.query_one(".health", Static), f"{v.temp}  {v.clock}")
+        show_text(self.query_one(".gov", Static), f"governor {v.governor}")
         throttle = self.query_one(".throttle", Static)
-        throttle.update(v.throttle)
+        show_text(throttle, v.throttle)
         throttle.set_class(v.throttle.startswith(("THROTTLED", "unreachable")), "bad")
+        now = time.monotonic()
         spark = self.query_one(Sparkline)
+        if spark.data and now - self._spark_at < self.SPARK_INTERVAL_S:
+            return
+        self._spark_at = now
         data = list(v.spark)
         if spark.data != data:
             spark.data = data
         caption = f"last 3 min  {min(data):.1f}–{max(data):.1f} W" if data else "no recent samples"
-        self.query_one(".spark-caption", Static).update(caption)
+        show_text(self.query_one(".spark-caption", Static), caption)

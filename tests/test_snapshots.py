@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 from textual.pilot import Pilot
+from tui_fixtures import build_lab_ledger, console_options, use_utc
 
 from screens.app import make_app
-from tui_fixtures import build_lab_ledger, console_options, use_utc
 
 SIZES = {"wide": (160, 50), "small": (80, 24)}
 

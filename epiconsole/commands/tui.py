@@ -117,11 +117,15 @@ def build_options(cfg: Any, ledger_path: Path, *, view_only: bool, attached: boo
                   banner: str = "") -> Any:
     """The console's options from the lab config (shared with ``epiconsole serve``)."""
     from epiconsole.config import config_dir
-    from screens.controllers.source import LedgerSource
     from screens.options import ConsoleOptions
 
+    def source() -> Any:
+        from screens.controllers.source import LedgerSource
+
+        return LedgerSource(ledger_path)
+
     return ConsoleOptions(
-        source_factory=lambda: LedgerSource(ledger_path),
+        source_factory=source,
         node_order=tuple(cfg.cluster.nodes),
         root=cfg.cluster.root,
         channels=dict(cfg.meter.channels),

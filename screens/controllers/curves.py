@@ -8,10 +8,13 @@ fill in as results arrive.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from epiconsole.ledger import TrialResult
 from screens.controllers import fmt
 from screens.controllers.results import ConfigSummary, Spread, summarize
+
+if TYPE_CHECKING:
+    from epiconsole.ledger import TrialResult
 
 TARGETS = ("all", "early", "late")
 

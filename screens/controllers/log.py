@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from epiconsole.ledger import Event
 from screens.controllers import fmt
 from screens.controllers.source import DataSource
+
+if TYPE_CHECKING:
+    from epiconsole.ledger import Event
 
 LEVELS = ("debug", "info", "warning", "error")
 BUFFER = 5000

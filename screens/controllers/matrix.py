@@ -4,10 +4,8 @@ per-configuration J/token, accuracy, EPI and validity, and the detail view of on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from epiconsole.ledger import TrialResult
 from epiconsole.live import RunLive
 from screens.controllers import fmt
 from screens.controllers.results import (
@@ -22,6 +20,11 @@ from screens.controllers.results import (
     task_accuracies,
 )
 from screens.controllers.source import TRACE_MARGIN_S, DataSource, LabState
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from epiconsole.ledger import TrialResult
 
 #: Short stage names for badges (a cell is narrow).
 STAGE_SHORT = {
@@ -192,6 +195,8 @@ class DetailView:
 
 def decimate(t: np.ndarray, w: np.ndarray, points: int = TRACE_POINTS) -> tuple[np.ndarray, np.ndarray]:
     """Bin means to at most ``points`` points (NaN bins dropped: a gap stays a gap, never zero)."""
+    import numpy as np
+
     if len(t) <= points:
         keep = np.isfinite(w)
         return t[keep], w[keep]

@@ -10,9 +10,11 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from epiconsole.ledger import TrialResult
+if TYPE_CHECKING:
+    from epiconsole.ledger import TrialResult
+
 
 DONE_STATUSES = frozenset({"done", "finished", "complete", "completed", "valid", "invalid"})
 FAILED_STATUSES = frozenset({"failed", "error", "aborted"})

@@ -11,10 +11,21 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from epiconsole.ledger import Campaign, Checkpoint, Command, Event, Ledger, Marker, SampleBlock, TrialResult
 from epiconsole.live import LiveSnapshot
+
+if TYPE_CHECKING:  # the ledger (numpy, aiosqlite) loads after the first frame, when the source opens
+    from epiconsole.ledger import (
+        Campaign,
+        Checkpoint,
+        Command,
+        Event,
+        Ledger,
+        Marker,
+        SampleBlock,
+        TrialResult,
+    )
 
 #: Seconds of power trace around a repetition's window in the detail view.
 TRACE_MARGIN_S = 5.0
@@ -65,6 +76,8 @@ class LedgerSource:
 
     async def open(self) -> None:
         if self._ledger is None:
+            from epiconsole.ledger import Ledger
+
             self._ledger = await Ledger.open(self.path, readonly=True)
 
     async def close(self) -> None:
