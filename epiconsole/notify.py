@@ -121,6 +121,9 @@ async def send(cfg: NotifyConfig, event: Mapping[str, Any], *, log: Log | None =
         return fail(f"timed out after {cfg.timeout_s:g} s and was killed; raise [notify] timeout_s or fix the command")
     except asyncio.CancelledError:
         _kill_group(proc)
+        # Reap it before going: an unreaped child's transport would be collected after its loop closed.
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(proc.wait(), _REAP_TIMEOUT_S)
         raise
     except Exception as exc:  # noqa: BLE001 - a notifier must never stop the run
         _kill_group(proc)
