@@ -87,12 +87,19 @@ def sim_config(base: Any) -> Any:
     meter = base.meter
     if meter.rate_hz == defaults.meter.rate_hz:
         meter = dataclasses.replace(meter, rate_hz=SIM_METER_HZ)
+    bench = base.benchmark
+    if bench == defaults.benchmark:
+        from epiconsole.sim.lab import SIM_TASKS
+
+        # What SimulatedLab itself picks: our three small local tasks (so --dry-run estimates them).
+        bench = dataclasses.replace(bench, tasks=SIM_TASKS, limit=5, max_tokens=4)
     return dataclasses.replace(
         base,
         lab=dataclasses.replace(base.lab, simulated=True),
         commands=dataclasses.replace(cmds, validate=validate),
         sim=sim,
         meter=meter,
+        benchmark=bench,
     )
 
 
@@ -124,6 +131,7 @@ class SimProcess:
         from epiconsole import config as cfgmod
 
         self.dir.mkdir(parents=True, exist_ok=True)
+        await _wait_stale(self.dir / "sim.pid")
         base_path = self.dir / "base.toml"
         base_path.write_text("# The simulated lab's base config (written by epiconsole run --sim).\n"
                              + cfgmod.dumps(self.cfg))
@@ -131,6 +139,7 @@ class SimProcess:
             sys.executable, "-m", "epiconsole", "sim", "--config", str(base_path), "--dir", str(self.dir),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent,
         )
+        (self.dir / "sim.pid").write_text(f"{self.proc.pid}\n")
         assert self.proc.stdout is not None
         try:
             line = await asyncio.wait_for(self.proc.stdout.readline(), self.start_timeout_s)
@@ -164,6 +173,34 @@ class SimProcess:
         except TimeoutError:
             proc.kill()
             await proc.wait()
+
+
+async def _wait_stale(pid_file: Path, timeout_s: float = 15.0) -> None:
+    """A simulated lab left from a crashed run still shuts down (it got SIGTERM when its parent died):
+    let it finish before a new one uses the same directory."""
+    import os
+
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:  # another user's process with a recycled pid: not ours
+            return
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"epiconsole" not in f.read():
+                    return
+        except OSError:
+            return
+        await asyncio.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def _die_with_parent() -> None:

@@ -144,8 +144,10 @@ class Telemetry:
                         if self._window_t0 is not None and cl.window_wh0 is None and ev.t >= self._window_t0:
                             cl.window_wh0 = c.Wh
                 t = ev.t
-                if self.last_t > -math.inf and t - self.last_t > self.silent_after_s and not self._gap_pending(t):
-                    self._add_gap(self.last_t, t, "silent", {"seconds": t - self.last_t})
+                # Silence is judged on arrival times: a stuck board's device clock says nothing about it.
+                quiet = ev.host_time - self.last_host
+                if self.last_host > -math.inf and quiet > self.silent_after_s and not self._gap_pending(t):
+                    self._add_gap(self.last_host, ev.host_time, "silent", {"seconds": quiet})
                 if len(self._buf) >= self._max_buffer:
                     old = self._buf.popleft()
                     self._dropped += 1

@@ -44,6 +44,19 @@ def device_seconds(block: SampleBlock, scale: float) -> np.ndarray:
     return out
 
 
+def device_order(block: SampleBlock) -> SampleBlock:
+    """The ticks in the board's order. Host times come from a running clock fit whose refits can swap
+    neighbouring ticks by a hair; the board's ``ms`` cannot. Across a reboot (``seq`` restarts) the
+    host order is kept."""
+    if block.n < 2:
+        return block
+    order = np.argsort(block.ms, kind="stable")
+    seq = block.seq[order]
+    if bool(np.all(np.diff(seq) > 0)):
+        return block.take(order)
+    return block.sorted_by_time()
+
+
 def tokens_for(bench: Mapping[str, Any], denominator: str) -> int:
     tok = bench.get("tokens") or {}
     prompt, completion = int(tok.get("prompt", 0) or 0), int(tok.get("completion", 0) or 0)
@@ -66,7 +79,7 @@ def compute(
 
     th = cfg.thresholds
     channels = {int(k): v for k, v in cfg.meter.channels.items() if v in cfg.cluster.nodes}
-    block = block.sorted_by_time()
+    block = device_order(block)
     dev = device_seconds(block, scale)
     if block.n >= 2:
         d0 = float(np.interp(t0, block.t, dev))

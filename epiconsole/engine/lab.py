@@ -8,6 +8,7 @@ driver's one-sentence message; anything else is a bug and surfaces with its trac
 from __future__ import annotations
 
 import asyncio
+import logging
 import posixpath
 import time
 from typing import Any
@@ -19,6 +20,8 @@ from epiconsole.engine.actions import Progress, StageError, Window
 from epiconsole.engine.monitor import Monitor
 from epiconsole.ledger import Ledger
 from epiconsole.matrix import Configuration
+
+log = logging.getLogger(__name__)
 
 
 def _driver_errors() -> tuple[type[BaseException], ...]:
@@ -43,6 +46,15 @@ def _warm_benchmark(bench: Any) -> None:
     if build is not None:
         build(False, include)
     import lm_eval  # noqa: F401
+
+    # lm-eval records its environment on every run (importing torch and transformers where installed):
+    # the first import holds the interpreter for seconds, so it happens here, not inside a window.
+    try:
+        from lm_eval.loggers.utils import add_env_info
+
+        add_env_info({})
+    except Exception as exc:  # only a warm-up: the benchmark itself reports real failures
+        log.debug("lm-eval warm-up: %s", exc)
 
 
 class LabActions:

@@ -100,7 +100,9 @@ class Monitor:
         th = self.cfg.thresholds
         bad: dict[str, str] = {}
         silent = self.telemetry.silent_s()
-        if silent > self.cfg.meter.silent_after_s:
+        if not self.telemetry.connected and self.telemetry.last_host > float("-inf"):
+            bad["meter"] = "disconnected"
+        elif silent > self.cfg.meter.silent_after_s:
             bad["meter"] = "no sample yet" if silent == float("inf") else f"silent for {silent:.1f} s"
         for node in self.cfg.cluster.nodes:
             h = self.health.get(node)
