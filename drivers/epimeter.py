@@ -555,6 +555,7 @@ class EpiMeter:
         self._proto: _Protocol | None = None
         self._closing = False
         self._connected = False
+        self._up = asyncio.Event()  # set while connected, for wait_connected
         self._connects = 0
         #: (seq, ms, channel ids, Wh per channel, t) of the last sample.
         self._last: tuple[int, int, tuple[int, ...], tuple[float, ...], float] | None = None
@@ -621,12 +622,11 @@ class EpiMeter:
 
     async def wait_connected(self, timeout: float) -> None:
         """Wait until the port is open; :class:`MeterTimeout` after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while not self._connected:
-            if time.monotonic() >= deadline:
-                raise MeterTimeout(f"the meter port {self.port} did not open within {timeout:g} s; "
-                                   "check the cable and meter.port in the lab config")
-            await asyncio.sleep(0.02)
+        try:
+            await asyncio.wait_for(self._up.wait(), timeout)
+        except TimeoutError:
+            raise MeterTimeout(f"the meter port {self.port} did not open within {timeout:g} s; "
+                               "check the cable and meter.port in the lab config") from None
 
     # -- commands --------------------------------------------------------------------------------
 
@@ -726,6 +726,9 @@ class EpiMeter:
                 backoff = min(backoff * 2, self.reconnect_max_s)
                 continue
             backoff = self.reconnect_min_s
+            if self._closing:  # close() ran while the port was opening: it could not see this transport
+                transport.close()
+                return
             if hasattr(transport, "_max_read_size"):
                 # The transport reads 1 KiB per wakeup; after a stall that is two lines per loop turn.
                 transport._max_read_size = 65536
@@ -733,13 +736,19 @@ class EpiMeter:
             self._proto = proto
             self._connects += 1
             self._connected = True
+            self._up.set()
             self._emit(MeterState(True, self.port, time.time(), "opened" if self._connects == 1 else "reconnected"))
             if self.ask_info:
                 # The boot-time info line was sent before we listened (or to a previous host).
                 transport.write(command_line("info"))
-            reason = await self._watch(proto)
+            try:
+                reason = await self._watch(proto)
+            except asyncio.CancelledError:
+                transport.abort()  # cancelled by close()'s timeout: never leave the port open
+                raise
             self._proto = None
             self._connected = False
+            self._up.clear()
             if self._framer.reset():
                 self._bad["partial"] += 1
             if self._closing:

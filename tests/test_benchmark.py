@@ -194,8 +194,9 @@ async def test_cancelling_stops_after_the_request_in_flight():
     api = await serve(api_delay_s=0.05)
     try:
         task = asyncio.ensure_future(run_suite(api.url, BENCH, simulated=True))
-        while api.tally.requests < 3:
-            await asyncio.sleep(0.02)
+        async with asyncio.timeout(60):  # lm-eval's first start in a process indexes our tasks
+            while api.tally.requests < 3:
+                await asyncio.sleep(0.02)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 10)
@@ -204,6 +205,19 @@ async def test_cancelling_stops_after_the_request_in_flight():
         assert api.tally.requests <= stopped_at + 1 and stopped_at < 90
     finally:
         await api.stop()
+
+
+async def test_a_metric_can_be_named_with_its_filter():
+    api = await serve()
+    try:
+        bench = BenchmarkConfig(tasks=(TaskConfig("mmlu", metric="exact_match,get_response"),), limit=3)
+        res = await run_suite(api.url, bench, simulated=True)
+    finally:
+        await api.stop()
+    score = res.tasks["mmlu"]
+    assert score.metric == "exact_match,get_response" and score.n == 3
+    assert score.acc == sum(s.correct for s in res.samples) / 3
+    assert score.version == "1.0"
 
 
 def test_task_and_model_selection():

@@ -308,12 +308,22 @@ def _dataset_error(p: PlannedTask, entry: Any, exc: Exception) -> Exception:
 
 
 def _metric_key(task_results: dict[str, Any], metric: str) -> str | None:
+    """lm-eval's result key (``metric,filter``) for a configured metric: the key itself, else the metric
+    under its first filter by name; ``acc`` also finds the ``exact_match`` of generative scoring."""
     keys = sorted(k for k in task_results if "," in k and "_stderr," not in k)
+    if metric in keys:
+        return metric
     for want in (metric, "exact_match" if metric == "acc" else None):
         for k in keys:
             if want and k.split(",", 1)[0] == want:
                 return k
     return None
+
+
+def _version_of(results: dict[str, Any], name: str) -> str | None:
+    """The task's (or group's) version as lm-eval reports it; None where it reports none."""
+    v = (results.get("versions") or {}).get(name)
+    return None if v is None else str(v)
 
 
 def _count(results: dict[str, Any], name: str) -> int:
@@ -358,7 +368,7 @@ def _result(
             name=p.lm_eval_name, acc=float(res[key]),
             stderr=float(stderr) if isinstance(stderr, int | float) else None,
             n=_count(results, p.lm_eval_name), metric=key, weight=p.weight, shots=p.shots,
-            version=str((results.get("versions") or {}).get(p.lm_eval_name)),
+            version=_version_of(results, p.lm_eval_name),
         )
         for leaf in _leaves(results, p.lm_eval_name):
             for s in (results.get("samples") or {}).get(leaf, []):

@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
         if not simulated:
             url = args.url or api_url(cfg)
-            # An explicit --url is a real API even when no lab config was found.
-            return await run_suite(url, bench, simulated=cfg.simulated and not args.url,
+            # Here the API is real: an explicit --url is never labelled simulated, even with no lab config.
+            return await run_suite(url, bench, simulated=False,
                                    on_progress=on_progress, timeout_s=cfg.cluster.api_timeout_s)
         from epiconsole.sim.api import SimApi
         from epiconsole.sim.physics import Deployed

@@ -41,6 +41,7 @@ from typing import Any
 
 from aiohttp import web
 
+from drivers.dllama_api import truncate_at_stop
 from epiconsole.benchmark.localdata import LETTERS, answer_key, options_key
 from epiconsole.sim.state import SimLab
 
@@ -194,7 +195,7 @@ class SimApi:
                 return _error(500, "inference failed (simulated fault)")
             prompt = "\n".join(str(m.get("content") or "") for m in messages)
             text = self._answer(prompt)
-            text = _truncate_tokens(_cut(text, stop), max_tokens)
+            text = _truncate_tokens(truncate_at_stop(text, stop), max_tokens)
             n_completion = count_tokens(text) + 1
             async with self.lab.inference(n_prompt, n_completion):
                 pass
@@ -235,15 +236,6 @@ class SimApi:
         if prompt.rstrip().endswith("The best answer is"):
             return f" {letter}.\n\n{chosen} fits the question best."
         return f" {letter}\n{chosen} is the best answer."
-
-
-def _cut(text: str, stop: list[str]) -> str:
-    cut = len(text)
-    for s in stop:
-        i = text.find(s) if s else -1
-        if 0 <= i < cut:
-            cut = i
-    return text[:cut]
 
 
 def _truncate_tokens(text: str, max_tokens: int) -> str:
