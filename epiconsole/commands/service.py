@@ -18,15 +18,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
+    import os
     import signal
     import sys
 
     from epiconsole import config
     from epiconsole.headless import SimProcess, sim_config, sim_dir_for
-    from epiconsole.service import LabService
+    from epiconsole.service import LabService, ServiceLock, ServiceRunning
 
     cfg = config.load(args.config)
     sim = args.sim or cfg.simulated
+    if sim:
+        cfg = sim_config(cfg)
+    pid = ServiceLock.holder(cfg.ledger_path())
+    if pid is not None:  # refuse before starting a simulated lab for nothing
+        raise ServiceRunning(f"a lab service is already running (pid {pid or 'unknown'}) for {cfg.ledger_path()}; "
+                             "use it (epiconsole status, or the console) or stop it first")
 
     async def serve() -> None:
         nonlocal cfg
@@ -36,12 +43,11 @@ def run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         async with contextlib.AsyncExitStack() as stack:
             if sim:
-                cfg = sim_config(cfg)
                 cfg = await stack.enter_async_context(SimProcess(cfg, sim_dir_for(cfg, args.sim_dir)))
             service = LabService(cfg)
             await service.start()
             stack.push_async_callback(service.stop)
-            print(f"lab service running (pid {__import__('os').getpid()}) on {cfg.ledger_path()}"
+            print(f"lab service running (pid {os.getpid()}) on {cfg.ledger_path()}"
                   f"{' with the simulated lab' if sim else ''}; Ctrl-C or SIGTERM stops it",
                   file=sys.stderr, flush=True)
             await stop.wait()
