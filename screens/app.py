@@ -68,14 +68,14 @@ class EpiConsoleApp(App[None]):
     VERTICAL_BREAKPOINTS = [(0, "-short"), (34, "-tall")]
 
     BINDINGS = [
-        Binding("d", "switch_mode('dashboard')", "Dashboard", id="dashboard"),
-        Binding("m", "switch_mode('matrix')", "Matrix", id="matrix"),
-        Binding("c", "switch_mode('curves')", "Curves", id="curves"),
-        Binding("n", "switch_mode('nodes')", "Nodes", id="nodes"),
-        Binding("l", "switch_mode('log')", "Log", id="log"),
-        Binding("question_mark", "help", "Help", id="help", key_display="?"),
-        Binding("t", "cycle_theme", "Theme", id="theme", show=False),
-        Binding("q", "quit", "Quit", id="quit"),
+        Binding("d", "switch_mode('dashboard')", "Dashboard", id="dashboard", tooltip="show the Dashboard"),
+        Binding("m", "switch_mode('matrix')", "Matrix", id="matrix", tooltip="show the Matrix"),
+        Binding("c", "switch_mode('curves')", "Curves", id="curves", tooltip="show the Curves"),
+        Binding("n", "switch_mode('nodes')", "Nodes", id="nodes", tooltip="show the Nodes"),
+        Binding("l", "switch_mode('log')", "Log", id="log", tooltip="show the Log"),
+        Binding("question_mark", "help", "Help", id="help", key_display="?", tooltip="this help"),
+        Binding("t", "cycle_theme", "Theme", id="theme", show=False, tooltip="next theme (dark, daylight, yours)"),
+        Binding("q", "quit", "Quit", id="quit", tooltip="quit this console (a running matrix goes on)"),
     ]
 
     #: Only the dashboard loads at start; the other screens (and plotext) load when first shown.

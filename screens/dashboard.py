@@ -57,7 +57,7 @@ class DashboardScreen(ConsoleScreen):
         energy = Text()
         energy.append("window ", style="dim")
         energy.append(v.window_j, style="bold")
-        energy.append("  ")
+        energy.append("\n")
         energy.append(v.live_jpt, style="bold")
         energy.append(f"  {v.window_tokens}", style="dim")
         show_text(self.query_one("#energy", Static), energy)

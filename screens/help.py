@@ -35,7 +35,8 @@ class HelpScreen(ModalScreen[None]):
         from screens.app import EpiConsoleApp
 
         app = cast(EpiConsoleApp, self.app)
-        keys = Table(title="Keys (remap with [ui] keys = { id = \"key\" })", expand=True, show_edge=False)
+        keys = Table(title=Text('Keys (remap in the lab config: [ui] keys = { id = "key" })', style="bold"),
+                     expand=True, show_edge=False)
         keys.add_column("key", style="bold", no_wrap=True)
         keys.add_column("id", style="dim", no_wrap=True)
         keys.add_column("action")
@@ -46,9 +47,9 @@ class HelpScreen(ModalScreen[None]):
             seen.add(b.id)
             key = app.key_for(b.id, b.key)
             shown = {"question_mark": "?", "slash": "/", "enter": "Enter", "escape": "Esc"}.get(key, key)
-            keys.add_row(shown, b.id, b.description or b.action)
+            keys.add_row(shown, b.id, b.tooltip or b.description or b.action)
         keys.add_row("ctrl+p", "", "command palette: every action by name")
-        screens = Table(title="Screens", expand=True, show_edge=False, show_header=False)
+        screens = Table(title=Text("Screens", style="bold"), expand=True, show_edge=False, show_header=False)
         screens.add_column("screen", style="bold", no_wrap=True)
         screens.add_column("what it shows")
         for name, text in SCREENS_TEXT:

@@ -18,9 +18,9 @@ class LogScreen(ConsoleScreen):
     #: The log, not the filter box, has focus: typing a screen key must switch screens, not filter.
     AUTO_FOCUS = "#log-view"
     BINDINGS = [
-        Binding("v", "cycle_level", "Level", id="log_level"),
-        Binding("slash", "filter", "Filter", id="log_filter", key_display="/"),
-        Binding("escape", "clear_filter", "Clear filter", id="log_clear", show=False),
+        Binding("v", "cycle_level", "Level", id="log_level", tooltip="Log: cycle the lowest level shown"),
+        Binding("slash", "filter", "Filter", id="log_filter", key_display="/", tooltip="Log: filter by text"),
+        Binding("escape", "clear_filter", "Clear filter", id="log_clear", show=False, tooltip="Log: clear the filter"),
     ]
 
     def __init__(self) -> None:

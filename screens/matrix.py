@@ -31,13 +31,14 @@ KIND_STYLE = {
 class MatrixScreen(ConsoleScreen):
     SCREEN_TITLE = "Matrix"
     BINDINGS = [
-        Binding("s", "command('start')", "Start", id="start"),
-        Binding("p", "command('pause')", "Pause", id="pause"),
-        Binding("r", "command('resume')", "Resume", id="resume"),
-        Binding("a", "command('abort')", "Abort", id="abort"),
-        Binding("k", "command('skip')", "Skip", id="skip"),
-        Binding("y", "command('retry')", "Retry", id="retry"),
-        Binding("enter", "detail", "Detail", id="detail", show=False),
+        Binding("s", "command('start')", "Start", id="start", tooltip="Matrix: start (or resume after a crash) the matrix"),
+        Binding("p", "command('pause')", "Pause", id="pause", tooltip="Matrix: pause at the next stage boundary"),
+        Binding("r", "command('resume')", "Resume", id="resume", tooltip="Matrix: resume a paused run"),
+        Binding("a", "command('abort')", "Abort", id="abort", tooltip="Matrix: abort the run (asks first)"),
+        Binding("k", "command('skip')", "Skip", id="skip", tooltip="Matrix: skip the selected configuration (asks first)"),
+        Binding("y", "command('retry')", "Retry", id="retry", tooltip="Matrix: run the selected configuration again (asks)"),
+        Binding("enter", "detail", "Detail", id="detail", show=False,
+                tooltip="Matrix: open the selected repetition (trace, accuracy, validity, provenance)"),
     ]
 
     def __init__(self) -> None:
@@ -45,6 +46,8 @@ class MatrixScreen(ConsoleScreen):
         self._view: MatrixView | None = None
         self._cells: dict[tuple[str, str], object] = {}
         self._reps = 0
+        #: Below 110 columns the table drops the label column and shortens cells so EPI stays visible.
+        self._narrow = False
 
     def body(self) -> ComposeResult:
         with Vertical(id="matrix-head", classes="panel"):
@@ -59,10 +62,12 @@ class MatrixScreen(ConsoleScreen):
         table = self.query_one(DataTable)
         table.clear(columns=True)
         table.add_column("config", key="config")
-        table.add_column("dropped", key="label")
+        if not self._narrow:
+            table.add_column("dropped", key="label")
         for r in range(1, reps + 1):
-            table.add_column(f"rep {r}", key=f"rep{r}", width=10)
-        for key, title in (("jpt", "J/tok"), ("acc", "accuracy"), ("epi", "EPI"), ("valid", "validity")):
+            table.add_column(f"rep {r}", key=f"rep{r}", width=9 if self._narrow else 10)
+        for key, title in (("jpt", "J/tok"), ("acc", "acc" if self._narrow else "accuracy"), ("epi", "EPI"),
+                           ("valid", "valid" if self._narrow else "validity")):
             table.add_column(title, key=key)
         self._reps = reps
         self._cells.clear()
@@ -78,7 +83,9 @@ class MatrixScreen(ConsoleScreen):
         self.query_one("#matrix-progress", ProgressBar).update(total=100, progress=round(100 * v.progress, 1))
         self.query_one("#matrix-eta", Static).update(f" {v.progress_text}  ETA {v.eta}")
         table = self.query_one(DataTable)
-        if v.reps != self._reps or table.row_count != len(v.rows) or not v.rows:
+        narrow = self.size.width < 110
+        if narrow != self._narrow or v.reps != self._reps or table.row_count != len(v.rows) or not v.rows:
+            self._narrow = narrow
             self._columns(v.reps)
             for row in v.rows:
                 table.add_row(*self._row_cells(row), key=row.config_id)
@@ -94,11 +101,12 @@ class MatrixScreen(ConsoleScreen):
                     table.update_cell(row.config_id, key, value)
 
     def _keys(self) -> list[str]:
-        return ["config", "label", *[f"rep{r}" for r in range(1, self._reps + 1)], "jpt", "acc", "epi", "valid"]
+        label = [] if self._narrow else ["label"]
+        return ["config", *label, *[f"rep{r}" for r in range(1, self._reps + 1)], "jpt", "acc", "epi", "valid"]
 
     def _row_cells(self, row) -> list[object]:  # type: ignore[no-untyped-def]
         vars_ = self.console.theme_variables
-        cells: list[object] = [row.config_id, row.label]
+        cells: list[object] = [row.config_id] if self._narrow else [row.config_id, row.label]
         for c in row.cells:
             cells.append(Text(c.badge, style=f"bold {vars_.get(KIND_STYLE[c.kind], '')}"))
         for _ in range(self._reps - len(row.cells)):
@@ -107,7 +115,8 @@ class MatrixScreen(ConsoleScreen):
             Text(row.jpt, justify="right"),
             Text(row.accuracy, justify="right"),
             Text(row.epi, justify="right", style="bold"),
-            Text(row.validity, style=vars_.get("stage-bad", "") if row.validity_ok is False else ""),
+            Text(row.validity.replace(" valid", "") if self._narrow else row.validity,
+                 style=vars_.get("stage-bad", "") if row.validity_ok is False else ""),
         ]
         return cells
 
@@ -118,7 +127,7 @@ class MatrixScreen(ConsoleScreen):
             return None, None
         row_i, col_i = table.cursor_coordinate
         row = self._view.rows[min(row_i, len(self._view.rows) - 1)]
-        rep_i = col_i - 2
+        rep_i = col_i - (1 if self._narrow else 2)
         if 0 <= rep_i < len(row.cells):
             return row.config_id, row.cells[rep_i].trial_id
         return row.config_id, row.cells[0].trial_id if row.cells else None
@@ -146,7 +155,7 @@ class MatrixDetailScreen(Screen[None]):
     """One repetition: its power trace with the window markers, per-task accuracy, validity reasons,
     stage history and provenance."""
 
-    BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="back")]
+    BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="back", tooltip="Detail: back to the Matrix")]
 
     def __init__(self, trial_id: int) -> None:
         super().__init__()

@@ -15,18 +15,23 @@ from screens.controllers.nodes import NodeRow
 COLUMNS = (("name", "node"), ("role", "role"), ("ssh", "SSH"), ("process", "dllama"), ("temp", "temp"),
            ("clock", "ARM clock"), ("governor", "governor"), ("load", "load"), ("now", "throttled now"),
            ("since", "since boot"), ("checked", "checked"))
+#: Columns left out below 110 columns, so the ones that matter stay on screen.
+NARROW_SKIP = frozenset({"role", "load", "checked", "process"})
 
 
 class NodesScreen(ConsoleScreen):
     SCREEN_TITLE = "Nodes"
     BINDINGS = [
-        Binding("g", "governor", "Governor→performance", id="set_governor"),
-        Binding("w", "restart", "Restart dllama", id="restart"),
+        Binding("g", "governor", "Governor→performance", id="set_governor",
+                tooltip="Nodes: set the selected node's governor to performance (asks first)"),
+        Binding("w", "restart", "Restart dllama", id="restart",
+                tooltip="Nodes: restart dllama on the selected node (worker, or the root's API; asks first)"),
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self._rows: tuple[NodeRow, ...] = ()
+        self._narrow: bool | None = None
 
     def body(self) -> ComposeResult:
         yield Static("", id="api-line", classes="line")
@@ -35,10 +40,16 @@ class NodesScreen(ConsoleScreen):
         with Vertical(id="throttle-history", classes="panel"):
             yield Static("", id="history-text")
 
-    def on_mount(self) -> None:
+    def _columns(self, narrow: bool) -> None:
         table = self.query_one(DataTable)
+        table.clear(columns=True)
         for key, title in COLUMNS:
-            table.add_column(title, key=key)
+            if not (narrow and key in NARROW_SKIP):
+                table.add_column(title, key=key)
+        self._narrow = narrow
+        self._rows = ()
+
+    def on_mount(self) -> None:
         self.query_one("#throttle-history").border_title = "Throttling history"
         super().on_mount()
 
@@ -50,19 +61,24 @@ class NodesScreen(ConsoleScreen):
         api.append(v.api, style="bold" if v.api_ok else f"bold {vars_.get('node-fault', '')}")
         self.query_one("#api-line", Static).update(api)
         table = self.query_one(DataTable)
+        narrow = self.size.width < 110
+        if narrow != self._narrow:
+            self._columns(narrow)
         if v.rows != self._rows:
             bad = vars_.get("node-fault", "")
             warn = vars_.get("node-warn", "")
             cursor = table.cursor_row
             table.clear()
             for r in v.rows:
-                table.add_row(
-                    Text(r.name, style="bold"), r.role,
-                    Text(r.ssh, style="" if r.ssh_ok else f"bold {bad}"), r.process, r.temp, r.clock,
-                    Text(r.governor, style="" if r.governor_ok else f"bold {warn}"), r.load,
-                    Text(r.throttled_now, style="" if r.throttled_now == "no" else f"bold {bad}"),
-                    r.throttled_since, r.checked, key=r.name,
-                )
+                cells = {
+                    "name": Text(r.name, style="bold"), "role": r.role,
+                    "ssh": Text(r.ssh, style="" if r.ssh_ok else f"bold {bad}"), "process": r.process,
+                    "temp": r.temp, "clock": r.clock,
+                    "governor": Text(r.governor, style="" if r.governor_ok else f"bold {warn}"), "load": r.load,
+                    "now": Text(r.throttled_now, style="" if r.throttled_now == "no" else f"bold {bad}"),
+                    "since": r.throttled_since, "checked": r.checked,
+                }
+                table.add_row(*(cells[k] for k, _ in COLUMNS if not (narrow and k in NARROW_SKIP)), key=r.name)
             if v.rows:
                 table.move_cursor(row=min(cursor, len(v.rows) - 1))
             self._rows = v.rows
