@@ -526,6 +526,8 @@ class EpiMeter:
     dropped and counted). The port is reopened with exponential backoff (up to ``reconnect_max_s``)
     whenever it fails, reaches EOF or its path vanishes. On every connect it asks for the info line
     (``ask_info``), so :meth:`status` knows the board even when its boot-time line went unheard.
+    A reboot is seen from ``ms``/``seq``/``Wh`` going back, and after a disconnect also from the
+    device clock lagging the host's by more than ``reboot_lag_s``.
     """
 
     def __init__(
@@ -540,8 +542,10 @@ class EpiMeter:
         queue_size: int = 65536,
         clock_window: int = 2048,
         ask_info: bool = True,
+        reboot_lag_s: float = 5.0,
     ) -> None:
         self.port = port
+        self.reboot_lag_s = reboot_lag_s
         self.ask_info = ask_info
         self.baud = baud
         self.reconnect_max_s = reconnect_max_s
@@ -850,6 +854,14 @@ class EpiMeter:
                 lost = dseq - 1
             elif reboot and dseq >= _HALF:
                 lost = s.seq  # seq restarted at 0 on boot: the first s.seq lines never arrived
+            if not reboot and self._unplug_t0 is not None:
+                # Back after a disconnect with ms, seq and Wh all moved on, yet the device clock
+                # advanced far less than the host's: the board restarted meanwhile (a USB-powered
+                # board does on every unplug) and its new uptime already passed the old one. Left
+                # undetected, the old clock fit would date these samples seconds in the past.
+                lag = host - self.clock.map((self._epoch_ms + s.ms) / 1000.0)
+                if lag > self.reboot_lag_s:
+                    reboot, lost = True, s.seq
         if reboot:
             self._reboots += 1
             self._epoch_ms = 0

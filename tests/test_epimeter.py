@@ -263,6 +263,32 @@ async def test_unplug_and_replug_behind_the_stable_path(tmp_path) -> None:
     pty.unplug()
 
 
+async def test_a_reboot_while_unplugged_is_seen_from_the_device_clock(tmp_path) -> None:
+    pty = ScriptedPty(tmp_path)
+    pty.plug()
+    async with open_meter(pty.port, reconnect_max_s=0.2, reboot_lag_s=0.5) as (meter, col):
+        await meter.wait_connected(3)
+        await pty.write(b"".join(sample_line(i, 100 * i, wh=1 + i) for i in range(20)))  # 1.9 s of uptime
+        await col.until(lambda: len(col.samples) == 20, 5, "20 samples")
+        pty.unplug()
+        await col.until(lambda: not meter.connected, 5, "the disconnect")
+        await asyncio.sleep(1.5)
+        pty.plug()
+        await meter.wait_connected(5)
+        # The board restarted while unplugged and is 2.5 s up: seq, ms and Wh are all past the old
+        # values, but only 0.6 s of device time passed for 1.5+ s of host time.
+        await pty.write(b"".join(sample_line(i, 100 * i, wh=30 + i) for i in range(25, 30)))
+        await col.until(lambda: len(col.samples) == 25, 5, "samples after replug")
+        st = meter.status()
+        assert (st.reboots, st.lost) == (1, 25)  # seq restarted at 0: lines 0..24 of this boot never came
+        gap = col.of(MeterGap)[-1]
+        assert (gap.cause, gap.lost) == ("unplug", 25)
+        # Dated by the new boot's own fit (its receive time), not seconds in the past by the old one.
+        first = col.samples[20]
+        assert first.t == pytest.approx(first.host_time, abs=0.05) and gap.t1 - gap.t0 > 1.4
+    pty.unplug()
+
+
 async def test_port_that_is_not_there_yet_and_commands_time_out(tmp_path) -> None:
     pty = ScriptedPty(tmp_path)
     async with open_meter(pty.port, reconnect_max_s=0.2) as (meter, col):
