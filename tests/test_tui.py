@@ -244,6 +244,37 @@ def test_tui_attach_only_without_service_says_what_to_do(lab_ledger: Path, capsy
 def test_serve_command_is_view_only_by_default() -> None:
     from epiconsole.commands.serve import console_command
 
-    assert console_command(None, False).endswith("tui --attach-only --view-only")
+    assert console_command(None, False).endswith("tui --viewer --view-only")
     assert "--view-only" not in console_command("/tmp/my lab.toml", True)
     assert "'/tmp/my lab.toml'" in console_command("/tmp/my lab.toml", True)
+
+
+def test_serve_offers_the_console_on_localhost(tmp_path: Path) -> None:
+    """`epiconsole serve` answers on 127.0.0.1 with textual-serve's page for our console."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "data"), XDG_CONFIG_HOME=str(tmp_path / "config"))
+    proc = subprocess.Popen([sys.executable, "-m", "epiconsole", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        page = ""
+        while time.monotonic() < deadline and not page:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+                    page = r.read().decode()
+            except OSError:
+                time.sleep(0.2)
+        assert "textual" in page.lower()
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=10)[0].decode(errors="replace")
+    assert "view-only" in out and f"127.0.0.1:{port}" in out

@@ -2,7 +2,8 @@
 unless the lab config says otherwise (``[web] host``, ``port``, ``allow_control``).
 
 Every browser tab runs its own console process that attaches to the running lab service as a viewer
-(``epiconsole tui --attach-only``), so closing a tab never touches the run.
+(``epiconsole tui --viewer``: it never starts a service and shows the ledger's state, waiting for a service
+when none runs yet), so closing a tab never touches the run.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def console_command(config: str | None, allow_control: bool) -> str:
     import shlex
     import sys
 
-    argv = [sys.executable, "-m", "epiconsole", "tui", "--attach-only"]
+    argv = [sys.executable, "-m", "epiconsole", "tui", "--viewer"]
     if config:
         argv += ["--config", config]
     if not allow_control:

@@ -33,6 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ledger", metavar="FILE", help="attach to this ledger instead of the config's")
     parser.add_argument("--attach-only", action="store_true",
                         help="only attach to a running lab service; never start one")
+    parser.add_argument("--viewer", action="store_true",
+                        help="never start a lab service; show the ledger and wait for one (the web view uses this)")
     parser.add_argument("--view-only", action="store_true", help="refuse lab commands (start, pause, abort, ...)")
     parser.add_argument("--theme", metavar="NAME", help="theme (default: [ui] theme, else epi-dark)")
 
@@ -149,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     proc = None
     banner = ""
     attached = service_alive(ledger_path)
-    if not attached:
+    if not attached and not args.viewer:
         if args.attach_only:
             from epiconsole.errors import UserError
 
@@ -158,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
             )
         proc = start_service(args.config or os.environ.get(config.ENV_VAR), ledger_path)
         banner = f"started the lab service (pid {proc.pid})" + (" on the simulated lab" if cfg.simulated else "")
-    app = make_app(build_options(cfg, ledger_path, view_only=args.view_only, attached=attached, theme=args.theme,
+    app = make_app(build_options(cfg, ledger_path, view_only=args.view_only, attached=attached or args.viewer,
+                                 theme=args.theme,
                                  banner=banner))
     try:
         app.run()
