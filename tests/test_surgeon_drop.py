@@ -209,6 +209,11 @@ def test_rerun_is_a_noop_and_a_different_request_is_refused(tmp_path: Path, fp32
     assert again.noop and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
     with pytest.raises(UserError, match="different surgery"):
         drop_experts(src, experts=3, layers="all", strategy="remove", profile=prof, out=out)
+    # The same request on a source that changed since is not a no-op, and the message says why.
+    shard = sorted(src.glob("*.safetensors"))[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    with pytest.raises(UserError, match="earlier version of the source"):
+        drop_experts(src, experts=2, layers="all", strategy="remove", profile=prof, out=out)
 
 
 def test_manifest_digests_match_the_bytes_and_the_cache_skips_rehashing(tmp_path: Path, fp32: tuple[Path, Path]) -> None:

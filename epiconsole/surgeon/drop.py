@@ -293,7 +293,12 @@ def _existing_is_same(out: Path, request: Mapping[str, Any], fingerprint: list[d
         raise UserError(
             f"{out} already exists and is not a surgery output; choose another --out or delete it."
         ) from None
-    if manifest.get("request") != dict(request) or manifest.get("source_fingerprint") != fingerprint:
+    if manifest.get("request") == dict(request) and manifest.get("source_fingerprint") != fingerprint:
+        raise UserError(
+            f"{out} holds this surgery made from an earlier version of the source shards (their sizes or "
+            f"times changed); delete {out} and run again, or choose another --out."
+        )
+    if manifest.get("request") != dict(request):
         raise UserError(
             f"{out} already holds a different surgery ({manifest.get('request', {}).get('strategy')}, "
             f"{manifest.get('request', {}).get('experts')} experts, layers "
