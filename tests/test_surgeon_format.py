@@ -126,7 +126,8 @@ def test_layer_targets_are_quarters_rounded_down() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [{}, {"layers": {}}, {"layers": {"x": [1]}}, {"layers": {"0": []}}, {"layers": {"0": [1, -1]}}, {"layers": {"0": [True]}}],
+    [{}, {"layers": {}}, {"layers": {"x": [1]}}, {"layers": {"0": []}}, {"layers": {"0": [1, -1]}}, {"layers": {"0": [True]}},
+     {"layers": {"1": [1, 2], "01": [2, 1]}}],
 )
 def test_bad_profiles_are_refused(data: dict) -> None:
     with pytest.raises(UserError):

@@ -61,6 +61,8 @@ def parse_profile(data: Any, *, where: str = "profile", sha256: str = "") -> Pro
     for key, counts in data["layers"].items():
         if not str(key).isdigit():
             raise UserError(f"{where}: layers key {key!r} is not a layer number.")
+        if int(key) in layers:  # "1" and "01": one would silently replace the other
+            raise UserError(f"{where}: layer {int(key)} is listed twice (as {key!r} too); keep one entry per layer.")
         if not isinstance(counts, list) or not counts:
             raise UserError(f"{where}: layers.{key} must be a non-empty list of counts, one per expert.")
         for c in counts:
