@@ -198,6 +198,8 @@ class EpiConsoleApp(App[None]):
 
     def _render_visible(self) -> None:
         """Redraw the visible screen (and the mode's base screen under a modal)."""
+        if not self.is_running:
+            return  # shutting down: widgets are being removed
         screens: list[Screen] = [self.screen]
         try:
             base = self.screen_stack[0]
@@ -214,7 +216,7 @@ class EpiConsoleApp(App[None]):
                     render()
                 except NoMatches:
                     # A state that arrives while the app shuts down finds the screen's widgets gone.
-                    if not self._exit and screen in self.screen_stack and screen.children:
+                    if self.is_running:
                         raise
 
     # --------------------------------------------------------------------------------- actions
