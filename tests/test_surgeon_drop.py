@@ -308,6 +308,12 @@ def test_cli_json_events_and_exit_codes(tmp_path: Path, fp32: tuple[Path, Path],
     assert summary["num_experts"] == E - 1 and summary["surgery"]["strategy"] == "remove"
     assert main(["surgeon", "inspect", str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+    # A profile that could not be written is refused before any profiling starts.
+    (tmp_path / "calib.txt").write_text("some calibration text")
+    assert main(["surgeon", "profile", str(src), "--text", str(tmp_path / "calib.txt"),
+                 "--out", str(tmp_path / "no" / "such" / "p.json"), "--json"]) == 2
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["event"] for e in events] == ["error"] and "does not exist" in events[0]["message"]
 
 
 def test_headless_commands_never_import_torch(tmp_path: Path, fp32: tuple[Path, Path]) -> None:

@@ -125,6 +125,7 @@ def _dispatch(args: argparse.Namespace, progress) -> int:  # noqa: ANN001 - Prog
     if action == "profile":
         from epiconsole.surgeon.profiler import profile_checkpoint, read_texts
 
+        _check_writable_parent(args.out)  # before minutes of profiling, not after
         profile = profile_checkpoint(
             args.dir,
             read_texts(args.text),
@@ -168,6 +169,8 @@ def _dispatch(args: argparse.Namespace, progress) -> int:  # noqa: ANN001 - Prog
     if action == "synth":
         from epiconsole.surgeon.synth import make_profile, make_tiny_checkpoint
 
+        if args.profile:
+            _check_writable_parent(args.profile)
         out = make_tiny_checkpoint(
             args.dir,
             layers=args.layers,
@@ -182,6 +185,13 @@ def _dispatch(args: argparse.Namespace, progress) -> int:  # noqa: ANN001 - Prog
         progress.emit("done", out=str(out), profile=str(args.profile) if args.profile else None, simulated=True)
         return 0
     raise AssertionError(action)
+
+
+def _check_writable_parent(path: Path) -> None:
+    from epiconsole.errors import UserError
+
+    if not path.parent.is_dir():
+        raise UserError(f"Cannot write {path}: {path.parent} does not exist; create it or choose another path.")
 
 
 def _write_json(path: Path, data: object) -> None:
