@@ -397,3 +397,24 @@ def test_a_cancelled_job_leaves_no_output(tmp_path: Path, fp32: tuple[Path, Path
         proc.kill()
     assert not out.exists()
     assert not list(tmp_path.glob(".o.tmp-*"))
+
+
+def test_a_write_that_fails_is_one_sentence_and_leaves_no_output(tmp_path: Path, fp32: tuple[Path, Path]) -> None:
+    src, prof = fp32
+    out = tmp_path / "o"
+    limit = min(p.stat().st_size for p in src.glob("*.safetensors")) // 2
+    # A real write failure (EFBIG past a file-size limit, as ENOSPC on a full disk) in a child process.
+    code = (
+        "import resource, signal, sys\nfrom epiconsole.cli import main\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+        f"sys.exit(main(['surgeon', 'drop', {str(src)!r}, '--experts', '1', '--profile', {str(prof)!r}, "
+        f"'--out', {str(out)!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert err[-1].startswith("epiconsole: Writing")
+    assert "File too large" in err[-1] and "check free space" in err[-1]
+    assert not out.exists() and not list(tmp_path.glob(".o.tmp-*"))

@@ -17,7 +17,7 @@ import shutil
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -153,10 +153,13 @@ def build_plans(ck: Checkpoint, drops: Mapping[int, Sequence[int]], strategy: st
 
 
 def _write_all(fd: int, data: memoryview | bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+    # Every view is released even when the write fails: a view left in the traceback would keep the
+    # source's mmap window exported, and closing it would then raise BufferError over the real error.
+    with memoryview(data) as whole:
+        done = 0
+        while done < len(whole):
+            with whole[done:] as rest:
+                done += os.write(fd, rest)
 
 
 def _run_shard(
@@ -367,8 +370,8 @@ def drop_experts(
     cache = hash_cache or HashCache()
     _remove_stale_temps(dst)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         shard_results = _run_all(ck, plans, tmp, cache, progress, total_tensors, workers)
         _write_config(ck, tmp, drops, strategy)
         out_map = _write_index(ck, tmp, plans)
@@ -376,11 +379,20 @@ def drop_experts(
         manifest = _manifest(ck, request, fingerprint, prof, drops, strategy, plans, shard_results, out_map)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         cache.save()
-        if _occupied(dst):  # another run finished the same surgery meanwhile
-            _existing_is_same(dst, request, fingerprint)
-            shutil.rmtree(tmp)
-        else:
+        try:
             os.rename(tmp, dst)  # atomic; replaces an empty directory the user may have created
+        except OSError:
+            if not _occupied(dst):
+                raise
+            _existing_is_same(dst, request, fingerprint)  # another run finished this surgery meanwhile
+            shutil.rmtree(tmp)
+    except OSError as exc:
+        # The disk filled up, a quota or file-size limit hit, the source could not be read: the user's to fix.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(
+            f"Writing {dst} failed ({exc.strerror or exc}); check free space, quotas and permissions under "
+            f"{dst.parent} and that the source is readable, then run again."
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -460,10 +472,17 @@ def _run_all(
             for fut in as_completed(futures):
                 file, digests = fut.result()
                 results[file] = digests
-        except BaseException:
+        except BaseException as exc:
             stop.set()
             for fut in futures:
                 fut.cancel()
+            if isinstance(exc, _Stopped):
+                # A shard that stopped because another failed can finish first: report that failure.
+                wait(futures)
+                for fut in futures:
+                    first = None if fut.cancelled() else fut.exception()
+                    if first is not None and not isinstance(first, _Stopped):
+                        raise first from None
             raise
     return results
 
