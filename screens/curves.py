@@ -107,8 +107,11 @@ class CurvesScreen(ConsoleScreen):
                         marker="dot", label="dominated")
         if front:
             front.sort(key=lambda p: p.jpt)
-            plt.plot([p.jpt for p in front], [p.accuracy * 100 for p in front], color=color(vars_, "node-ok"),
-                     marker="hd", label="Pareto front")
+            ok = color(vars_, "node-ok")
+            if len(front) > 1:
+                plt.plot([p.jpt for p in front], [p.accuracy * 100 for p in front], color=ok, marker="braille")
+            plt.scatter([p.jpt for p in front], [p.accuracy * 100 for p in front], color=ok, marker="◆",
+                        label="Pareto front")
         plt.title("Pareto: J/token vs accuracy %" if v.pareto else "Pareto: waiting for valid results")
-        plt.xlabel("J/token (left is better)")
+        plt.xlabel("J/token (left is better) · accuracy % up is better")
         plot.refresh()

@@ -66,9 +66,10 @@ class MatrixScreen(ConsoleScreen):
             table.add_column("dropped", key="label")
         for r in range(1, reps + 1):
             table.add_column(f"rep {r}", key=f"rep{r}", width=9 if self._narrow else 10)
-        for key, title in (("jpt", "J/tok"), ("acc", "acc" if self._narrow else "accuracy"), ("epi", "EPI"),
-                           ("valid", "valid" if self._narrow else "validity")):
-            table.add_column(title, key=key)
+        # Fixed widths: the cells start as "—" and grow as results arrive; auto widths would clip them.
+        for key, title, width in (("jpt", "J/tok", 6), ("acc", "acc" if self._narrow else "accuracy", 8),
+                                  ("epi", "EPI", 6), ("valid", "valid" if self._narrow else "validity", 5 if self._narrow else 10)):
+            table.add_column(title, key=key, width=width)
         self._reps = reps
         self._cells.clear()
 
@@ -98,7 +99,7 @@ class MatrixScreen(ConsoleScreen):
             for key, value in zip(self._keys(), self._row_cells(row), strict=True):
                 if self._cells.get((row.config_id, key)) != value:
                     self._cells[(row.config_id, key)] = value
-                    table.update_cell(row.config_id, key, value)
+                    table.update_cell(row.config_id, key, value, update_width=True)
 
     def _keys(self) -> list[str]:
         label = [] if self._narrow else ["label"]
