@@ -518,11 +518,15 @@ def tables(a: Analysis) -> list[Table]:
             rows=tuple(_result_row(c) for c in rows),
             note="Medians over valid repetitions [min–max]; Δ vs baseline medians.",
         ))
-    others = [c for c in a.configs if c.target not in targets or (c.experts == 0 and c is not base)]
-    if others and not targets:
-        out.append(Table(title="All configurations", headers=RESULT_HEADERS,
-                         rows=tuple(_result_row(c) for c in others),
-                         note="Medians over valid repetitions [min–max]."))
+    # Configurations on no curve (a plan of unmodified models, or extra ones beside a pruning matrix).
+    in_tables = {c.config_id for c in a.configs if c.target in targets and c.experts > 0}
+    if targets and base is not None:
+        in_tables.add(base.config_id)
+    others = [c for c in a.configs if c.config_id not in in_tables]
+    if others:
+        out.append(Table(title="Other configurations" if targets else "All configurations",
+                         headers=RESULT_HEADERS, rows=tuple(_result_row(c) for c in others),
+                         note="Medians over valid repetitions [min–max]; Δ vs baseline medians."))
     best_rows: list[tuple[str, ...]] = []
     by_target = {d.target: d for d in a.depths}
     for target in targets:

@@ -151,3 +151,15 @@ async def test_analysis_of_a_ledger_campaign(tmp_path: Path) -> None:
     valid_epis = sorted(built.epi[("drop2_all", r)]["epi"]["value"] for r in (2, 3))
     assert c.epi is not None and c.epi.median == pytest.approx(sum(valid_epis) / 2)
     assert (c.epi.lo, c.epi.hi) == pytest.approx(tuple(valid_epis))
+
+
+def test_every_configuration_appears_in_some_table() -> None:
+    res = paper_like_results() + [result("qwen3-8b", r, ord_=25, joules=800.0) for r in (1, 2)]
+    a = analyze(res)
+    titles = [t.title for t in a.tables]
+    assert titles == ["All layers", "Early layers only", "Late layers only", "Other configurations", "Best of"]
+    shown = {row[1] for t in a.tables[:4] for row in t.rows}
+    assert shown == {c.config_id for c in a.configs}
+    only_models = analyze([result(f"model{i}", 1, ord_=i) for i in range(3)])
+    assert [t.title for t in only_models.tables][0] == "All configurations"
+    assert len(only_models.tables[0].rows) == 3
