@@ -4,6 +4,7 @@ quitting either console leaves the run going."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -69,10 +70,8 @@ def _quit(pid: int, fd: int) -> bytes:
     while time.monotonic() < deadline:
         r, _, _ = select.select([fd], [], [], 0.1)
         if fd in r:
-            try:
+            with contextlib.suppress(OSError):  # EIO once the console has closed the pty
                 out += os.read(fd, 65536)
-            except OSError:
-                pass
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             os.close(fd)
