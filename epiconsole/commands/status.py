@@ -193,6 +193,9 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
     svc = live["service"]
     if not svc["alive"]:
         lines.append("service   not running (no heartbeat); `epiconsole` or `epiconsole service` starts it")
+        if c and c["state"] == "unfinished":
+            lines.append(f"          campaign #{c['id']} is unfinished: `epiconsole run --headless --resume` "
+                         "(or the console) continues it at its first unfinished stage")
         return "\n".join(lines)
     sim = ", SIMULATED" if svc["simulated"] else ""
     lines.append(f"service   running: pid {svc['pid']} on {svc['host'] or '?'} ({svc['lab'] or 'lab'}{sim})")
