@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fcntl
 import os
 import pty
@@ -110,7 +111,7 @@ def drain(fd: int, until: float, needle: bytes = b"") -> bool:
 
 
 def stop_tui(pid: int, fd: int) -> None:
-    with contextlib_suppress():
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
@@ -122,14 +123,6 @@ def stop_tui(pid: int, fd: int) -> None:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     os.close(fd)
-
-
-class contextlib_suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return True
 
 
 def first_frame(d: Path, cfg: Path) -> float:

@@ -272,6 +272,11 @@ class EpiConsoleApp(App[None]):
                             ("abort", "Abort the run")):
             yield SystemCommand(title, f"Send '{verb}' to the lab service",
                                 lambda v=verb: self.lab_command(CommandRequest(v)))
+        # Actions on the current selection (skip/retry a configuration, node governor/restart).
+        extra = getattr(screen, "palette_commands", None)
+        if extra is not None:
+            for title, help_text, callback in extra():
+                yield SystemCommand(title, help_text, callback)
         yield from super().get_system_commands(screen)
 
     # ------------------------------------------------------------------------------- rendering

@@ -143,6 +143,17 @@ class MatrixScreen(ConsoleScreen):
             args = {"config_id": config_id}
         self.console.lab_command(CommandRequest(verb, args))
 
+    def palette_commands(self) -> list[tuple[str, str, object]]:
+        config_id, _ = self._selected()
+        if config_id is None:
+            return []
+        return [
+            (f"Skip {config_id}", "skip the selected configuration (asks first)", lambda: self.action_command("skip")),
+            (f"Retry {config_id}", "run the selected configuration again (asks first)",
+             lambda: self.action_command("retry")),
+            ("Open the selected repetition", "power trace, accuracy, validity, provenance", self.action_detail),
+        ]
+
     def action_detail(self) -> None:
         _, trial_id = self._selected()
         if trial_id is not None:

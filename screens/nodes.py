@@ -91,6 +91,15 @@ class NodesScreen(ConsoleScreen):
             return None
         return self._rows[min(table.cursor_row, len(self._rows) - 1)].name
 
+    def palette_commands(self) -> list[tuple[str, str, object]]:
+        node = self._node()
+        if node is None:
+            return []
+        return [
+            (f"Set {node}'s governor to performance", "cpufreq governor (asks first)", self.action_governor),
+            (f"Restart dllama on {node}", "worker, or the root's API (asks first)", self.action_restart),
+        ]
+
     def action_governor(self) -> None:
         node = self._node()
         if node:

@@ -278,3 +278,19 @@ def test_serve_offers_the_console_on_localhost(tmp_path: Path) -> None:
         proc.terminate()
         out = proc.communicate(timeout=10)[0].decode(errors="replace")
     assert "view-only" in out and f"127.0.0.1:{port}" in out
+
+
+async def test_command_palette_lists_every_action(lab_ledger: Path) -> None:
+    app = make_app(console_options(lab_ledger))
+    async with app.run_test(size=SIZE) as pilot:
+        await _ready(app, pilot)
+        await pilot.press("m")
+        await pilot.pause()
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        assert {"Show Dashboard", "Show Matrix", "Show Curves", "Show Nodes", "Show Log", "Help", "Next theme",
+                "Start the matrix", "Pause the run", "Resume the run", "Abort the run", "Skip baseline",
+                "Retry baseline"} <= titles
+        await pilot.press("n")
+        await pilot.pause()
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        assert "Set pi0's governor to performance" in titles and "Restart dllama on pi0" in titles
