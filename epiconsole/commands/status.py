@@ -215,7 +215,7 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
     lines.append("nodes     " + ("; ".join(parts) or "-") + f"; cluster {_num(n['cluster_W'], '.1f', ' W')}, "
                  f"API {'up' if n['api_ok'] else ('down' if n['api_ok'] is False else '?')}")
     r = live["run"]
-    where = f" {r['config_id']} rep {r['repetition']} {r['stage']}" if r["config_id"] else ""
+    where = " " + " ".join(x for x in (r["config_id"], f"rep {r['repetition']}", r["stage"]) if x) if r["config_id"] else ""
     eta = f", ETA {_duration(r['eta_s'])}" if r["eta_s"] else ""
     line = f"run       {r['state']}{where} ({r['trials_done']}/{r['trials_total']}{eta})"
     if r["suspender"]:
