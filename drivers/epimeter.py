@@ -134,7 +134,8 @@ class BadLine:
 
 @dataclass(frozen=True, slots=True)
 class MeterGap:
-    """Host-time span ``t0``..``t1`` not covered by samples; ``cause`` is seq_jump, reboot or unplug."""
+    """Host-time span ``t0``..``t1`` not covered by samples; ``cause`` is seq_jump, reboot, unplug or
+    overflow (samples dropped because the consumer of :meth:`EpiMeter.events` fell behind)."""
 
     t0: float
     t1: float
@@ -572,6 +573,10 @@ class EpiMeter:
         self._last_error = ""
         self._last_host = math.nan
         self._good = self._samples = self._lost = self._reboots = self._gaps = self._dropped = 0
+        # Samples dropped from the queue since the consumer last took one, and where that hole starts.
+        self._overflow_lost = 0
+        self._overflow_t0 = math.nan
+        self._taken_t: float | None = None  # t of the last sample events() handed out
         self._bad = dict.fromkeys(BAD_KINDS, 0)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -611,13 +616,26 @@ class EpiMeter:
         await self.close()
 
     async def events(self) -> AsyncIterator[MeterEvent]:
-        """Events in arrival order until :meth:`close`."""
+        """Events in arrival order until :meth:`close`.
+
+        Where samples were dropped because this consumer fell behind, a ``MeterGap`` with cause
+        ``overflow`` comes first, from the last sample handed out to the next one: a hole in the
+        record is never bridged silently.
+        """
         while True:
             if self._closing and self._queue.empty():
                 return
             ev = await self._queue.get()
             if ev is None:
                 return
+            if type(ev) is MeterSample:
+                if self._overflow_lost:
+                    t0 = self._overflow_t0 if self._taken_t is None else self._taken_t
+                    gap = MeterGap(t0, ev.t, "overflow", self._overflow_lost)
+                    self._overflow_lost = 0
+                    self._gaps += 1
+                    yield gap
+                self._taken_t = ev.t
             yield ev
 
     @property
@@ -791,9 +809,13 @@ class EpiMeter:
 
     def _emit(self, ev: MeterEvent | None) -> None:
         q = self._queue
-        if q.full():  # the consumer fell behind: drop the oldest, count it
-            q.get_nowait()
+        if q.full():  # the consumer fell behind: drop the oldest, count it (events() reports the hole)
+            old = q.get_nowait()
             self._dropped += 1
+            if type(old) is MeterSample:
+                if not self._overflow_lost:
+                    self._overflow_t0 = old.t
+                self._overflow_lost += 1
         q.put_nowait(ev)
 
     def _on_data(self, data: bytes) -> None:

@@ -326,9 +326,44 @@ async def test_a_slow_consumer_loses_the_oldest_events_counted(tmp_path) -> None
         while meter.status().samples < 200 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         assert meter.status().dropped_events == 200 + 1 - 50  # +1: the "opened" state event
+        t0 = meter.status().last_sample_host_time
         await meter.close()
-        seqs = [ev.seq async for ev in meter.events() if isinstance(ev, MeterSample)]
+        events = [ev async for ev in meter.events()]
+        seqs = [ev.seq for ev in events if isinstance(ev, MeterSample)]
         assert seqs[-1] == 199 and seqs == list(range(200 - len(seqs), 200))
+        # The hole is a gap the consumer sees before the first sample after it, never bridged silently.
+        gap, first = events[0], events[1]
+        assert isinstance(gap, MeterGap) and isinstance(first, MeterSample) and first.seq == seqs[0]
+        assert (gap.cause, gap.lost, gap.t1) == ("overflow", seqs[0], first.t) and gap.t0 <= first.t <= t0
+        assert meter.status().gaps == 1
         await meter.close()  # idempotent
+    finally:
+        pty.unplug()
+
+
+async def test_samples_dropped_after_some_were_taken_make_a_gap_from_the_last_one_taken(tmp_path) -> None:
+    pty = ScriptedPty(tmp_path)
+    pty.plug()
+    meter = EpiMeter(pty.port, queue_size=20, ask_info=False)
+    await meter.start()
+    try:
+        await meter.wait_connected(3)
+        events = meter.events()
+        await pty.write(b"".join(sample_line(i, 100 * i) for i in range(5)))
+        taken = []
+        async with asyncio.timeout(10):
+            while not (taken and isinstance(taken[-1], MeterSample) and taken[-1].seq == 4):
+                taken.append(await anext(events))
+        await pty.write(b"".join(sample_line(i, 100 * i) for i in range(5, 100)))  # nobody reads now
+        async with asyncio.timeout(10):
+            while meter.status().samples < 100:
+                await asyncio.sleep(0.01)
+        await meter.close()
+        rest = [ev async for ev in events]
+        gap, first = rest[0], rest[1]
+        assert isinstance(gap, MeterGap) and isinstance(first, MeterSample)
+        assert (gap.cause, gap.t0, gap.t1) == ("overflow", taken[-1].t, first.t)
+        assert gap.lost == first.seq - 5 == meter.status().dropped_events  # seq 5 .. first.seq - 1
+        assert [ev.seq for ev in rest[1:] if isinstance(ev, MeterSample)] == list(range(first.seq, 100))
     finally:
         pty.unplug()
