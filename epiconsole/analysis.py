@@ -594,3 +594,17 @@ def pareto_table(a: Analysis) -> Table:
                      fmt(c.epi.median if c.epi else None)))
     return Table(title="Pareto set (J/token vs accuracy)", headers=("Configuration", "J/token", "Accuracy %", "EPI"),
                  rows=tuple(rows), note="No other configuration uses fewer J/token at equal or higher accuracy.")
+
+
+def task_table(a: Analysis) -> Table:
+    """Median accuracy per benchmark task and configuration (valid repetitions), in percent."""
+    names: list[str] = []
+    for c in a.configs:
+        names += [n for n, _ in c.tasks if n not in names]
+    rows = []
+    for c in a.configs:
+        acc = dict(c.tasks)
+        rows.append((c.config_id, *(fmt(acc[n] * 100 if n in acc else None, ".1f") for n in names),
+                     fmt(c.accuracy.median * 100 if c.accuracy else None, ".1f")))
+    return Table(title="Accuracy by task (%)", headers=("Configuration", *names, "Composite"), rows=tuple(rows),
+                 note="Medians over valid repetitions; the composite weights tasks as configured.")

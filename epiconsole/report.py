@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from epiconsole.analysis import Analysis, Table, decomposition_table, fmt, pareto_table
+from epiconsole.analysis import Analysis, Table, decomposition_table, fmt, pareto_table, task_table
 
 SIMULATED_LINE = "# SIMULATED DATA"
 #: Markers per target in the text plot (plotext markers), so the curves stay apart without colour.
@@ -124,6 +124,7 @@ def render(a: Analysis, *, campaign: Any = None, generated_at: float | None = No
     lines += ["## Results", ""]
     for table in a.tables:
         lines += [markdown_table(table), ""]
+    lines += [markdown_table(task_table(a)), ""]
     lines += _depths_section(a)
     lines += ["## Pareto set", "", markdown_table(pareto_table(a)), ""]
     lines += ["## Energy decomposition", "", markdown_table(decomposition_table(a)), ""]

@@ -104,3 +104,12 @@ async def test_simulated_campaign_report_from_a_ledger(tmp_path: Path) -> None:
     assert md.splitlines()[0] == "# SIMULATED DATA"
     assert "Simulated data" in md and f"(campaign {built.campaign_id})" in md
     assert "status: finished" in md and "8 valid" in md
+
+
+def test_accuracy_by_task_table() -> None:
+    res = [result("baseline", r, acc=0.8) for r in (1, 2, 3)]
+    res.append(result("drop1_all", 1, experts=1, target="all", ord_=1, acc=0.7))
+    md = render(analyze(res))
+    section = md.split("### Accuracy by task (%)", 1)[1]
+    assert "| Configuration | mmlu | arc_challenge | Composite |" in section
+    assert "| baseline | 80.0 | 80.0 | 80.0 |" in section and "| drop1_all | 70.0 | 70.0 | 70.0 |" in section
