@@ -570,6 +570,8 @@ class EpiMeter:
         self._info_waiters: list[asyncio.Future[MeterInfo]] = []
         self._answer_waiters: dict[str, deque[asyncio.Future[CommandAnswer]]] = {}
         self._warned_version = False
+        #: Per command, answers still owed to calls that timed out (they are skipped when they come).
+        self._unanswered: dict[str, int] = {}
         self._last_error = ""
         self._last_host = math.nan
         self._good = self._samples = self._lost = self._reboots = self._gaps = self._dropped = 0
@@ -683,6 +685,10 @@ class EpiMeter:
         try:
             self._send(command_line(cmd, **args))
             return await self._await(fut, timeout, cmd)
+        except MeterTimeout:
+            # Its answer may still come; answers carry no id, so it would be taken for the next one's.
+            self._unanswered[cmd] = self._unanswered.get(cmd, 0) + 1
+            raise
         finally:
             with contextlib.suppress(ValueError):
                 waiters.remove(fut)
@@ -780,6 +786,7 @@ class EpiMeter:
             if self._last is not None and self._unplug_t0 is None:
                 self._unplug_t0 = self._last[4]
             self._emit(MeterState(False, self.port, time.time(), reason))
+            self._unanswered.clear()  # nothing owed on this connection arrives on the next
             # A command in flight will never be answered on this connection: fail it now, not at its timeout.
             waiting = [*self._info_waiters, *(f for q in self._answer_waiters.values() for f in q)]
             for fut in waiting:
@@ -842,6 +849,9 @@ class EpiMeter:
             else:
                 self._good += 1
                 ans: CommandAnswer = r  # type: ignore[assignment]
+                if self._unanswered.get(ans.cmd):
+                    self._unanswered[ans.cmd] -= 1  # the late answer to a command that timed out
+                    continue
                 waiters = self._answer_waiters.get(ans.cmd)
                 while waiters:
                     fut = waiters.popleft()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -367,3 +368,24 @@ async def test_samples_dropped_after_some_were_taken_make_a_gap_from_the_last_on
         assert [ev.seq for ev in rest[1:] if isinstance(ev, MeterSample)] == list(range(first.seq, 100))
     finally:
         pty.unplug()
+
+
+async def test_a_late_answer_is_not_taken_for_the_next_commands(tmp_path) -> None:
+    pty = ScriptedPty(tmp_path)
+    pty.plug()
+    async with open_meter(pty.port, ask_info=False) as (meter, _col):
+        await meter.wait_connected(3)
+        with pytest.raises(MeterTimeout):
+            await meter.command("rate", 0.2, hz=20)  # the board is slow to answer this one
+        second = asyncio.ensure_future(meter.command("rate", 5, hz=30))
+        sent = b""
+        async with asyncio.timeout(5):
+            while b'"hz":30' not in sent:  # the second command is on the wire
+                await asyncio.sleep(0.01)
+                with contextlib.suppress(BlockingIOError):
+                    sent += os.read(pty.master, 1000)
+        # Both answers arrive, in order, with samples racing between them; neither says which call it answers.
+        await pty.write(b'{"v":1,"ok":false,"cmd":"rate","error":"late answer to hz=20"}\n'
+                        + sample_line(1, 100) + b'{"v":1,"ok":true,"cmd":"rate"}\n')
+        assert await asyncio.wait_for(second, 5) == CommandAnswer("rate", True, "")
+    pty.unplug()
