@@ -61,6 +61,8 @@ class Repetition:
     avg_watts: float | None = None
     peak_watts: float | None = None
     window: tuple[float, float] | None = None
+    #: Standard error of the composite accuracy (tasks independent), when the benchmark reported one.
+    accuracy_stderr: float | None = None
 
     @property
     def seconds_per_token(self) -> float | None:
@@ -107,6 +109,22 @@ def task_accuracies(accuracy: Mapping[str, Any]) -> tuple[tuple[str, float], ...
     return tuple(out)
 
 
+def _composite_stderr(accuracy: Mapping[str, Any], bench: Mapping[str, Any]) -> float | None:
+    stderr = _section(accuracy, "stderr")
+    tasks = [name for name, _ in task_accuracies(accuracy)]
+    if not stderr or any(t not in stderr for t in tasks):
+        return None  # a task without a standard error leaves the composite's unknown
+    details = _section(bench, "task_details")
+    weights = {k: _num(_section(details, k).get("weight")) for k in stderr}
+    try:
+        return epimath.composite_stderr(
+            {k: _num(v) for k, v in stderr.items()},
+            None if any(w is None for w in weights.values()) else weights,  # type: ignore[arg-type]
+        )
+    except ValueError:  # weights the benchmark recorded that cannot weigh (all zero): no figure
+        return None
+
+
 def repetition(result: Any) -> Repetition:
     """A :class:`Repetition` from one ``TrialResult`` (trial, benchmark dict, EPI dict)."""
     trial = result.trial
@@ -142,6 +160,7 @@ def repetition(result: Any) -> Repetition:
         avg_watts=_num(energy.get("avg_watts_cluster")),
         peak_watts=_num(energy.get("peak_watts_cluster")),
         window=(t0, t1) if t0 is not None and t1 is not None else None,
+        accuracy_stderr=_composite_stderr(acc, bench),
     )
 
 
@@ -211,6 +230,8 @@ class ConfigSummary:
     decomposition: Decomposition | None = None
     #: Reasons of invalid repetitions (de-duplicated, in order), for the report.
     invalid_reasons: tuple[str, ...] = ()
+    #: Median relative standard uncertainty of one repetition's EPI, in percent (meter and accuracy).
+    epi_uncertainty_pct: float | None = None
 
     @property
     def is_baseline(self) -> bool:
@@ -317,7 +338,7 @@ def _median_tasks(reps: Sequence[Repetition]) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
-def _summarize(config_id: str, reps: Sequence[Repetition]) -> ConfigSummary:
+def _summarize(config_id: str, reps: Sequence[Repetition], meter_pct: float | None) -> ConfigSummary:
     first = reps[0]
     good = [r for r in reps if r.usable]
     reasons: list[str] = []
@@ -345,7 +366,14 @@ def _summarize(config_id: str, reps: Sequence[Repetition]) -> ConfigSummary:
         seconds_per_token=_spread([r.seconds_per_token for r in good]),
         tasks=_median_tasks(good),
         invalid_reasons=tuple(reasons),
+        epi_uncertainty_pct=_uncertainty_pct(good, meter_pct),
     )
+
+
+def _uncertainty_pct(reps: Sequence[Repetition], meter_pct: float | None) -> float | None:
+    rel = [epimath.epi_relative_uncertainty(meter_pct, r.accuracy, r.accuracy_stderr) for r in reps]
+    s = _spread([None if u is None else u * 100.0 for u in rel])
+    return None if s is None else s.median
 
 
 def _relate(c: ConfigSummary, base: ConfigSummary | None) -> ConfigSummary:
@@ -427,13 +455,18 @@ def analyze(
     tolerance_pts: float = 1.0,
     simulated: bool = False,
     campaign_id: int | None = None,
+    meter_uncertainty_pct: float | None = None,
 ) -> Analysis:
-    """The whole analysis of one campaign's results (``Ledger.results(campaign_id)``)."""
+    """The whole analysis of one campaign's results (``Ledger.results(campaign_id)``).
+
+    ``meter_uncertainty_pct`` (the board's stated uncertainty, from its info line) enables the EPI
+    uncertainty column; without it the column stays empty rather than pretending the meter is exact.
+    """
     reps = repetitions(results)
     groups: dict[str, list[Repetition]] = {}
     for r in sorted(reps, key=lambda r: (r.ord, r.rep)):
         groups.setdefault(r.config_id, []).append(r)
-    configs = [_summarize(cid, rs) for cid, rs in groups.items()]
+    configs = [_summarize(cid, rs, meter_uncertainty_pct) for cid, rs in groups.items()]
     base = _baseline(configs)
     configs = [_relate(c, base) for c in configs]
     base = _baseline(configs)
@@ -482,7 +515,7 @@ def _pct(s: Spread | None) -> Spread | None:
 
 
 RESULT_HEADERS = ("Experts dropped", "Configuration", "Strategy", "Valid", "J/token", "ΔJ/token",
-                  "Accuracy %", "ΔAcc (pts)", "EPI", "ΔEPI")
+                  "Accuracy %", "ΔAcc (pts)", "EPI", "ΔEPI", "u(EPI)")
 
 TARGET_TITLES = {"all": "All layers", "early": "Early layers only", "late": "Late layers only"}
 
@@ -499,6 +532,7 @@ def _result_row(c: ConfigSummary) -> tuple[str, ...]:
         fmt_signed(c.accuracy_change_pts, "+.2f"),
         fmt_spread(c.epi),
         fmt_signed(c.epi_change_pct, "+.1f", "%"),
+        fmt(c.epi_uncertainty_pct, ".1f", "%"),
     )
 
 
@@ -516,7 +550,8 @@ def tables(a: Analysis) -> list[Table]:
             title=TARGET_TITLES.get(target, target),
             headers=RESULT_HEADERS,
             rows=tuple(_result_row(c) for c in rows),
-            note="Medians over valid repetitions [min–max]; Δ vs baseline medians.",
+            note="Medians over valid repetitions [min–max]; Δ vs baseline medians; u(EPI): relative standard "
+                 "uncertainty of one repetition (meter and accuracy).",
         ))
     # Configurations on no curve (a plan of unmodified models, or extra ones beside a pruning matrix).
     in_tables = {c.config_id for c in a.configs if c.target in targets and c.experts > 0}

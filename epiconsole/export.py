@@ -343,7 +343,8 @@ async def export_campaign(
             problems.append(f"{te.config_id} rep {te.rep}: the exported trace integrates to {te.trace_joules:.1f} J, "
                             f"{agreement * 100:.2f}% off the stored {te.total_joules:.1f} J")
     tol = cfg.thresholds.accuracy_tolerance_pts if cfg is not None else 1.0
-    a = analysis.analyze(results, tolerance_pts=tol, simulated=simulated, campaign_id=campaign.id)
+    a = analysis.analyze(results, tolerance_pts=tol, simulated=simulated, campaign_id=campaign.id,
+                         meter_uncertainty_pct=await _meter_uncertainty(ledger, results))
     summary = summary_csv(a)
     reps = repetitions_csv(a)
     md = report.render(a, campaign=campaign)
@@ -352,6 +353,17 @@ async def export_campaign(
         written += 1
     return ExportResult(out=out, campaign_id=campaign.id, simulated=simulated, trials=tuple(trials),
                         files=written, problems=tuple(problems))
+
+
+async def _meter_uncertainty(ledger: Any, results: Sequence[Any]) -> float | None:
+    """The meter's stated uncertainty (percent) as the first trial's provenance recorded it."""
+    for res in results:
+        prov = await ledger.provenance("trial", res.trial.id)
+        meter = ((prov or {}).get("lab") or {}).get("meter") or {}
+        pct = _num(meter.get("uncertainty_pct"))
+        if pct is not None:
+            return pct
+    return None
 
 
 async def _export_trial(ledger: Any, out: Path, campaign: Any, res: Any, cfg: Any, scale: float,
@@ -533,6 +545,7 @@ SUMMARY_HEADER = (
     "jpt_median", "jpt_min", "jpt_max", "accuracy_median", "accuracy_min", "accuracy_max",
     "epi_median", "epi_min", "epi_max", "joules_median", "tokens_median", "seconds_median", "watts_median",
     "jpt_change_pct", "accuracy_change_pts", "epi_change_pct", "dln_energy", "dln_power", "dln_time", "pareto",
+    "epi_uncertainty_pct",
 )
 
 
@@ -551,7 +564,7 @@ def summary_csv(a: Any) -> str:
                      c.invalid, c.failed, *s(c.jpt), *s(c.accuracy), *s(c.epi), m(c.joules), m(c.tokens),
                      m(c.duration_s), m(c.avg_watts), c.jpt_change_pct, c.accuracy_change_pts, c.epi_change_pct,
                      d.d_ln_energy if d else None, d.d_ln_power if d else None, d.d_ln_time if d else None,
-                     int(c.config_id in a.pareto)))
+                     int(c.config_id in a.pareto), c.epi_uncertainty_pct))
     return _csv(rows, SUMMARY_HEADER, a.simulated)
 
 

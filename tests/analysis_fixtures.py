@@ -92,7 +92,8 @@ async def build_campaign(
             reasons = invalid.get(key, [])
             epi["validity"] = {"valid": not reasons, "reasons": reasons}
             await ledger.put_epi(trial.id, epi)
-            await ledger.put_provenance("trial", trial.id, {"simulated": simulated, "token_denominator": "all"})
+            await ledger.put_provenance("trial", trial.id, {"simulated": simulated, "token_denominator": "all",
+                                                             "lab": {"meter": {"uncertainty_pct": 1.0}}})
             await ledger.set_trial(trial.id, status="done", valid=not reasons, reasons=reasons)
             built.epi[key] = epi
         if finish:
@@ -144,9 +145,11 @@ async def _one_trial(ledger: Ledger, physics: Physics, trial_id: int, conf: Conf
         prob = physics.accuracy(task, d)
         acc[task] = round(float(np.clip(prob + rng.normal(0, 0.003), 0, 1)), 4)
     composite = sum(acc.values()) / len(acc)
+    stderr = {k: math.sqrt(v * (1 - v) / 100) for k, v in acc.items()}  # binomial, 100 items a task
     inside = busy
     bench = {
-        "tasks": {k: {"acc": v, "n": 100} for k, v in acc.items()},
+        "tasks": {k: {"acc": v, "stderr": stderr[k], "n": 100} for k, v in acc.items()},
+        "task_details": {k: {"acc": v, "weight": 1.0} for k, v in acc.items()},
         "accuracy": {**acc, "composite": composite},
         "composite": composite,
         "tokens": {"prompt": prompt, "completion": completion, "total": prompt + completion},
@@ -168,7 +171,7 @@ async def _one_trial(ledger: Ledger, physics: Physics, trial_id: int, conf: Conf
             "method": "wh_counter",
             "per_node": {k: {"channel": int(k[2:]), "joules": v, "coverage": 1.0} for k, v in per_node.items()},
         },
-        "accuracy": {**acc, "composite": composite},
+        "accuracy": {**acc, "composite": composite, "stderr": stderr},
         "epi": {"value": jpt / composite, "joules_per_token": jpt, "accuracy_composite": composite},
         "environment": {"ambient_c": 22.0, "node_temp_max_c": {f"pi{k}": 55.0 + k for k in range(4)}},
         "tokens": {"prompt": prompt, "completion": completion, "denominator": denominator},
@@ -195,7 +198,7 @@ def result(config_id: str, rep: int, *, experts: int = 0, target: str | None = N
     epi = {
         "energy": {"total_joules": joules, "total_tokens": tokens, "joules_per_token": jpt,
                    "duration_seconds": seconds, "avg_watts_cluster": None if joules is None else joules / seconds},
-        "accuracy": {"mmlu": acc, "arc_challenge": acc, "composite": acc, "stderr": {"mmlu": 0.01}},
+        "accuracy": {"mmlu": acc, "arc_challenge": acc, "composite": acc, "stderr": {"mmlu": 0.01, "arc_challenge": 0.02}},
         "epi": {"value": value, "joules_per_token": jpt, "accuracy_composite": acc},
         "validity": {"valid": bool(valid), "reasons": list(reasons)},
     }

@@ -163,3 +163,16 @@ def test_every_configuration_appears_in_some_table() -> None:
     only_models = analyze([result(f"model{i}", 1, ord_=i) for i in range(3)])
     assert [t.title for t in only_models.tables][0] == "All configurations"
     assert len(only_models.tables[0].rows) == 3
+
+
+def test_epi_uncertainty_combines_meter_and_accuracy() -> None:
+    res = [result("baseline", r, acc=0.8) for r in (1, 2, 3)]
+    # composite standard error of two equally weighted tasks: sqrt(0.01^2 + 0.02^2) / 2
+    se = math.sqrt(0.01**2 + 0.02**2) / 2
+    expected = math.hypot(0.01, se / 0.8) * 100
+    a = analyze(res, meter_uncertainty_pct=1.0)
+    assert a.repetitions[0].accuracy_stderr == pytest.approx(se)
+    assert a.config("baseline").epi_uncertainty_pct == pytest.approx(expected)
+    assert a.tables[0].title == "All configurations" and a.tables[0].rows[0][-1] == f"{expected:.1f}%"
+    unknown = analyze(res)  # no meter figure: no uncertainty, never a pretended exact meter
+    assert unknown.config("baseline").epi_uncertainty_pct is None
