@@ -355,6 +355,16 @@ async def export_campaign(
                         files=written, problems=tuple(problems))
 
 
+def _window_of(res: Any) -> tuple[float, float] | None:
+    """The window the stored EPI was computed over (its run metadata, else the benchmark's)."""
+    for w in (((res.epi or {}).get("run_metadata") or {}).get("window"), (res.benchmark or {}).get("window")):
+        if isinstance(w, Mapping):
+            t0, t1 = _num(w.get("t0")), _num(w.get("t1"))
+            if t0 is not None and t1 is not None and t1 > t0:
+                return t0, t1
+    return None
+
+
 async def _meter_uncertainty(ledger: Any, results: Sequence[Any]) -> float | None:
     """The meter's stated uncertainty (percent) as the first trial's provenance recorded it."""
     for res in results:
@@ -372,7 +382,7 @@ async def _export_trial(ledger: Any, out: Path, campaign: Any, res: Any, cfg: An
     nnn = f"{trial.rep:03d}"
     folder = out / trial.config_id
     await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
-    window = await ledger.window(trial.id)
+    window = _window_of(res) or await ledger.window(trial.id)
     checkpoints = await ledger.checkpoints(trial.id)
     provenance = await ledger.provenance("trial", trial.id)
     files: dict[str, str] = {}
