@@ -36,10 +36,23 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.ledger).expanduser() if args.ledger else cfg.ledger_path()
     status = asyncio.run(gather(path))
     if args.json:
-        print(json.dumps(status, indent=2, allow_nan=False))
+        print(json.dumps(_finite(status), indent=2, allow_nan=False))
     else:
         print(format_status(status))
     return 0
+
+
+def _finite(obj: Any) -> Any:
+    """JSON-safe copy: a non-finite number is missing (null), never NaN in the output."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 # ------------------------------------------------------------------------------------------ gather
