@@ -10,6 +10,9 @@ HELP = "export a campaign: the paper's data/ layout (run, power trace, benchmark
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("After writing, the export is read back and checked (EPI = J/token / accuracy, J/token = "
+                     "joules / tokens, power trace integral within 1%). Exit status: 0 written and consistent, "
+                     "1 a consistency check failed (listed), 2 usage or ledger error.")
     add_config_argument(parser)
     parser.add_argument("--out", metavar="DIR", default="data", help="directory to write (default: ./data)")
     parser.add_argument("--campaign", metavar="ID", type=int, help="campaign to export (default: the latest)")

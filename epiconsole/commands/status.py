@@ -21,6 +21,8 @@ HELP = "one-shot summary of the ledger (latest campaign, results) and the live s
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Exit status: 0 whenever the state could be read (also when no ledger exists yet), "
+                     "2 for a bad config or an unreadable ledger.")
     add_config_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.add_argument("--ledger", metavar="FILE", help="read this ledger file instead of the config's")
