@@ -169,8 +169,6 @@ def _dispatch(args: argparse.Namespace, progress) -> int:  # noqa: ANN001 - Prog
     if action == "synth":
         from epiconsole.surgeon.synth import make_profile, make_tiny_checkpoint
 
-        if args.profile:
-            _check_writable_parent(args.profile)
         out = make_tiny_checkpoint(
             args.dir,
             layers=args.layers,
