@@ -109,7 +109,7 @@ class LabService:
     """See the module docstring. ``await start()``, then ``await start_campaign(...)``; ``await stop()``."""
 
     def __init__(self, cfg: Any, *, publish_s: float = 0.25, command_poll_s: float = 0.2,
-                 flush_s: float = 0.2) -> None:
+                 flush_s: float = 0.1) -> None:
         self.cfg = cfg
         self.clock = Clock.for_config(cfg)
         self.publish_s = publish_s

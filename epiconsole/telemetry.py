@@ -3,8 +3,8 @@
 It runs for as long as the lab service runs, not only during measurements: viewers always see live
 watts, and the samples before a window are there when a window's start needs covering. One task
 consumes the driver's events (cheap: a tuple per tick appended to a deque) and another commits the
-buffer every ``flush_s`` (200 ms, so the ledger is at most ~250 ms behind the meter) as one
-:class:`SampleBlock`. If the ledger ever falls so far behind that the buffer is full, the oldest ticks
+buffer every ``flush_s`` (100 ms, so a tick waits about 100 ms and at most a few hundred on a loaded
+machine before viewers can read it) as one :class:`SampleBlock`. If the ledger ever falls so far behind that the buffer is full, the oldest ticks
 are dropped, counted, and recorded as an ``overflow`` gap: never silently.
 
 Gaps the driver reports (lost lines, reboots, unplugs) are written with their cause; a stretch with no
@@ -57,6 +57,9 @@ class IngestStats:
     flushes: int
     max_lag_s: float
     committed_t: float
+    #: Median and 99th percentile of the commit lag (oldest tick's arrival to its commit), seconds.
+    lag_p50_s: float = 0.0
+    lag_p99_s: float = 0.0
 
 
 class Telemetry:
@@ -68,7 +71,7 @@ class Telemetry:
         meter: Any,
         channels: dict[str, str],
         *,
-        flush_s: float = 0.2,
+        flush_s: float = 0.1,
         max_buffer: int = 200_000,
         silent_after_s: float = 2.0,
         retention_h: float = 0.0,
@@ -94,6 +97,8 @@ class Telemetry:
         self.last_host = -math.inf
         self._received = self._n_committed = self._dropped = self._n_gaps = self._flushes = 0
         self._max_lag = 0.0
+        self._lags: deque[float] = deque(maxlen=10_000)
+        self._oldest_host: float | None = None
         self._live = {ch: _ChannelLive() for ch in range(self.nch)}
         self._mean: deque[tuple[float, tuple[float, ...]]] = deque()
         self._recent: deque[tuple[float, tuple[float, ...]]] = deque(maxlen=RECENT_POINTS)
@@ -152,6 +157,8 @@ class Telemetry:
                     old = self._buf.popleft()
                     self._dropped += 1
                     self._add_gap(old[0], self._buf[0][0] if self._buf else old[0], "overflow", {"dropped": 1})
+                if not self._buf:
+                    self._oldest_host = ev.host_time
                 self._buf.append((t, ev.seq, ev.ms, ev.st, chans))
                 self._received += 1
                 self.last_t = t
@@ -189,8 +196,12 @@ class Telemetry:
     # --------------------------------------------------------------------------------- flush
 
     async def _flusher(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
-            await asyncio.sleep(self.flush_s)
+            # A fixed cadence (not flush_s after the previous commit ended), so commit time does not add up.
+            due = max(due + self.flush_s, loop.time())
+            await asyncio.sleep(due - loop.time())
             try:
                 await self.flush()
             except Exception:  # a failing commit must not end ingest; the buffer keeps the ticks
@@ -199,6 +210,7 @@ class Telemetry:
     async def flush(self) -> None:
         """Commit the buffered ticks, gaps and meter notes now."""
         ticks = list(self._buf)
+        oldest, self._oldest_host = self._oldest_host, None
         gaps, self._gaps = self._gaps, []
         notes, self._notes = self._notes, []
         if ticks:
@@ -208,7 +220,13 @@ class Telemetry:
                 self._buf.popleft()
             self._n_committed += len(ticks)
             newest = float(block.t.max())
-            self._max_lag = max(self._max_lag, time.time() - float(block.t.min()))
+            if oldest is not None:
+                # How long the oldest tick of this commit waited since it arrived.
+                lag = time.time() - oldest
+                self._lags.append(lag)
+                self._max_lag = max(self._max_lag, lag)
+            if self._buf:
+                self._oldest_host = time.time()  # ticks that arrived during the commit
             self._flushes += 1
             async with self._committed:
                 self.committed_t = max(self.committed_t, newest)
@@ -289,8 +307,11 @@ class Telemetry:
         return out
 
     def stats(self) -> IngestStats:
+        lags = sorted(self._lags)
+        p50 = lags[len(lags) // 2] if lags else 0.0
+        p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))] if lags else 0.0
         return IngestStats(self._received, self._n_committed, self._dropped, self._n_gaps, self._flushes,
-                           self._max_lag, self.committed_t)
+                           self._max_lag, self.committed_t, p50, p99)
 
 
 def _num(x: float) -> float | None:
