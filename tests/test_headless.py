@@ -104,3 +104,15 @@ def test_plain_mode_prints_lines_with_progress():
     text = out.getvalue().splitlines()
     assert len(text) == 6  # started stages are not printed when piped
     assert text[-1].endswith("[1/2] baseline rep 1: 1 J/token")
+
+
+def test_rich_mode_shows_progress_and_event_lines():
+    out = io.StringIO()
+    p = Printer(out, "rich")
+    p.start()
+    for ev in events():
+        p(ev)
+    p.stop()
+    text = out.getvalue()
+    assert "baseline rep 1: valid" in text and "suspended: meter" in text
+    assert "1/2" in text  # the progress bar counts repetitions

@@ -124,6 +124,11 @@ async def test_viewer_sees_live_state_and_pause_takes_effect_at_the_next_boundar
                                 capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and json.loads(status.stdout)
 
+        # A headless run started while the service owns the lab attaches to it instead of refusing:
+        # its start is refused (a campaign runs), so it follows the running campaign.
+        follower = subprocess.Popen([sys.executable, "-m", "epiconsole", "run", "--headless", "--json", "--sim",
+                                     "--config", conf], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
         resume = await ledger.put_command("resume")
         assert (await ledger.wait_command(resume, 30)).ok
 
@@ -140,6 +145,11 @@ async def test_viewer_sees_live_state_and_pause_takes_effect_at_the_next_boundar
             return c.exit_status == "aborted"
 
         await until(aborted, what="the abort")
+        out, err = follower.communicate(timeout=60)
+        assert follower.returncode == 3, err  # it followed the campaign to its abort
+        followed = [json.loads(line) for line in out.splitlines()]
+        assert followed[-1]["event"] == "campaign" and followed[-1]["status"] == "aborted"
+        assert any(e["event"] == "stage" for e in followed)
         bad = await ledger.put_command("skip", {"config_id": "nope"})
         assert (await ledger.wait_command(bad, 30)).ok is False
         await ledger.close()
