@@ -5,20 +5,22 @@ fit), ``seq``, device ``ms``, board status ``st`` and, per channel, ``V A W VAR 
 ``n`` ticks of ``c`` channels as numpy arrays: ``t`` (float64), ``seq``/``ms``/``st`` (int64), each
 channel quantity as float64 of shape ``(n, c)`` with NaN where a channel is missing.
 
-On disk a tick is one packed little-endian record (114 bytes for 4 channels, 28.5 bytes per channel
-sample). Quantities the ATM90E26 reports as 16-bit registers are stored as scaled integers at the
-chip's own resolution, so real meter data round-trips exactly: V in 0.01 V, A in 0.001 A, PF in 0.001,
-Hz in 0.01 Hz (finer values, as a simulator may send, are rounded to that resolution; values beyond
-the register's range saturate). W and VAR are float32 (the board may refine the 1 W register); Wh is
-float64 because the cumulative counter needs it; ``t`` is float64 epoch seconds. Missing values are
-stored as the integer types' sentinel (or NaN) and come back as NaN, never 0.
+On disk a tick is one packed little-endian record (122 bytes for 4 channels, 30.5 bytes per channel
+sample): ``t seq ms st`` then per channel ``V A W VAR PF Hz Wh``, the order the meter sends them. Quantities the ATM90E26 reports as 16-bit registers with a fixed range are stored as scaled
+integers at the chip's own resolution, so real meter data round-trips exactly: V in 0.01 V (to
+655 V), PF in 0.001, Hz in 0.01 Hz (finer values, as a simulator may send, are rounded to that
+resolution; values beyond the range saturate). A, W and VAR are float32 (their range depends on the
+CT clamp, and the board may refine the 1 W register); Wh is float64 because the cumulative counter
+needs it; ``t`` is float64 epoch seconds. Missing values are stored as the integer types' sentinel
+(or NaN) and come back as NaN, never 0.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -28,27 +30,37 @@ import numpy as np
 CHANNEL_FIELDS: tuple[str, ...] = ("V", "A", "W", "VAR", "PF", "Hz", "Wh")
 #: Per-tick fields.
 TICK_FIELDS: tuple[str, ...] = ("t", "seq", "ms", "st")
-
 #: Scaled-integer storage: field -> (numpy type, resolution, missing sentinel).
 _SCALED: dict[str, tuple[str, float, int]] = {
     "V": ("<u2", 0.01, 0xFFFF),
-    "A": ("<u2", 0.001, 0xFFFF),
     "PF": ("<i2", 0.001, -0x8000),
     "Hz": ("<u2", 0.01, 0xFFFF),
 }
-_FLOAT: dict[str, str] = {"W": "<f4", "VAR": "<f4", "Wh": "<f8"}
+_FLOAT: dict[str, str] = {"A": "<f4", "W": "<f4", "VAR": "<f4", "Wh": "<f8"}
 
 _NAN7 = (math.nan,) * len(CHANNEL_FIELDS)
+_COUNTER_MOD = np.array([2.0**32, 2.0**32, 2.0**16])
+
+
+@lru_cache(maxsize=64)
+def _row_lengths(n: int, channels: int) -> list[int]:
+    return ([4] + [len(CHANNEL_FIELDS)] * channels) * n
+
+
+@lru_cache(maxsize=8)
+def channel_dtype() -> np.dtype:
+    """The packed on-disk values of one channel in one tick."""
+    return np.dtype(
+        [(name, _SCALED[name][0] if name in _SCALED else _FLOAT[name]) for name in CHANNEL_FIELDS]
+    )
 
 
 @lru_cache(maxsize=8)
 def tick_dtype(channels: int) -> np.dtype:
     """The packed on-disk record of one tick with ``channels`` channels (no padding)."""
-    fields: list[tuple[Any, ...]] = [("t", "<f8"), ("seq", "<u4"), ("ms", "<u4"), ("st", "<u2")]
-    for name in CHANNEL_FIELDS:
-        kind = _SCALED[name][0] if name in _SCALED else _FLOAT[name]
-        fields.append((name, kind, (channels,)))
-    return np.dtype(fields)
+    return np.dtype(
+        [("t", "<f8"), ("seq", "<u4"), ("ms", "<u4"), ("st", "<u2"), ("ch", channel_dtype(), (channels,))]
+    )
 
 
 def _f64(a: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
@@ -84,6 +96,9 @@ class SampleBlock:
     PF: np.ndarray
     Hz: np.ndarray
     Wh: np.ndarray
+    #: The ticks as one float64 matrix in record layout ``[t seq ms st, ch0 V..Wh, ch1 ...]`` when built
+    #: by from_ticks; the arrays above are views into it, and packing starts from it.
+    _flat: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     # ---------------------------------------------------------------------------------- construction
 
@@ -145,22 +160,32 @@ class SampleBlock:
         n = len(ticks)
         if n == 0:
             return cls.empty(channels)
-        head = np.array([tk[:4] for tk in ticks], dtype=np.float64)
+        nq = len(CHANNEL_FIELDS)
+        width = 4 + nq * channels
+        # One flat pass over the Python values (the service's hot path): per tick its 4 head values,
+        # then each channel's 7, checked by their lengths.
+        rows: list[Sequence[float]] = []
+        for tk in ticks:
+            chans = tk[4]
+            rows.append(tk[:4])
+            if None in chans:
+                rows.extend(_NAN7 if ch is None else ch for ch in chans)
+            else:
+                rows.extend(chans)
+        if list(map(len, rows)) != _row_lengths(n, channels):
+            raise ValueError(f"every tick needs 4 values and {channels} channels of {nq} numbers")
         try:
-            vals = np.array(
-                [_NAN7 if ch is None else ch for tk in ticks for ch in tk[4]], dtype=np.float64
-            ).reshape(n, channels, len(CHANNEL_FIELDS))
-        except ValueError as exc:
-            raise ValueError(
-                f"every tick needs {channels} channels of {len(CHANNEL_FIELDS)} values ({exc})"
-            ) from None
-        return cls.from_arrays(
-            head[:, 0],
-            seq=head[:, 1],
-            ms=head[:, 2],
-            st=head[:, 3],
-            **{name: vals[:, :, i] for i, name in enumerate(CHANNEL_FIELDS)},
-        )
+            raw = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.float64, count=n * width).reshape(
+                n, width
+            )
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"sample values must be numbers ({exc})") from None
+        t = raw[:, 0]
+        if not np.all(np.isfinite(t)):
+            raise ValueError("sample times must be finite")
+        ints = raw[:, 1:4].astype(np.int64)
+        q = raw[:, 4:].reshape(n, channels, nq)
+        return cls(t, ints[:, 0], ints[:, 1], ints[:, 2], *(q[:, :, k] for k in range(nq)), _flat=raw)
 
     @classmethod
     def empty(cls, channels: int = 4) -> SampleBlock:
@@ -225,49 +250,97 @@ class SampleBlock:
 
     def pack(self) -> np.ndarray:
         """The ticks as packed records of :func:`tick_dtype` (see the module doc for resolutions)."""
-        rec = np.empty(self.n, dtype=tick_dtype(self.channels))
-        rec["t"] = self.t
-        # The board's counters are uint32 and wrap; anything else is masked into that range.
-        rec["seq"] = self.seq & 0xFFFFFFFF
-        rec["ms"] = self.ms & 0xFFFFFFFF
-        rec["st"] = self.st & 0xFFFF
-        for name, (kind, res, sentinel) in _SCALED.items():
-            info = np.iinfo(kind)
-            lo, hi = info.min, info.max
-            # The sentinel is one end of the range; keep it out of reach of real values.
-            lo, hi = (lo + 1, hi) if sentinel == lo else (lo, hi - 1)
-            raw = getattr(self, name)
-            scaled = np.rint(raw * (1.0 / res))
-            missing = np.isnan(scaled)
-            with np.errstate(invalid="ignore"):
-                np.clip(scaled, lo, hi, out=scaled)
-            scaled[missing] = sentinel
-            rec[name] = scaled
-        for name in _FLOAT:
-            rec[name] = getattr(self, name)
-        return rec
+        n, c = self.n, self.channels
+        plan = _pack_plan(c)
+        # Everything goes through one float64 matrix laid out like the record, scaled with row-wide
+        # masks and cast by one astype(), field by field in C: few numpy calls, which is what counts
+        # for the small batches of the service's hot path.
+        if self._flat is not None:
+            flat = self._flat.copy()
+        else:
+            flat = np.empty((n, 4 + len(CHANNEL_FIELDS) * c), dtype=np.float64)
+            flat[:, 0] = self.t
+            flat[:, 1] = self.seq
+            flat[:, 2] = self.ms
+            flat[:, 3] = self.st
+            q = flat[:, 4:].reshape(n, c, len(CHANNEL_FIELDS))
+            for k, name in enumerate(CHANNEL_FIELDS):
+                q[:, :, k] = getattr(self, name)
+        # The board's counters are uint32 (st 16 bits) and wrap: keep them in range, exactly.
+        np.mod(flat[:, 1:4], _COUNTER_MOD, out=flat[:, 1:4])
+        flat *= plan.scale
+        missing = np.isnan(flat)
+        missing &= plan.scaled
+        np.rint(flat, out=flat, where=plan.scaled)
+        np.clip(flat, plan.lo, plan.hi, out=flat)
+        np.copyto(flat, plan.sentinel, where=missing)
+        return flat.view(plan.f64).reshape(n).astype(plan.dtype)
 
     @classmethod
     def unpack(cls, rec: np.ndarray) -> SampleBlock:
         """Inverse of :meth:`pack`."""
+        ch = rec["ch"]
         cols: dict[str, np.ndarray] = {
             "t": rec["t"].astype(np.float64),
             "seq": rec["seq"].astype(np.int64),
             "ms": rec["ms"].astype(np.int64),
             "st": rec["st"].astype(np.int64),
         }
-        for name, (_kind, res, sentinel) in _SCALED.items():
-            raw = rec[name]
-            out = raw * res
-            out[raw == sentinel] = np.nan
-            cols[name] = out
-        for name in _FLOAT:
-            cols[name] = rec[name].astype(np.float64)
+        for name in CHANNEL_FIELDS:
+            raw = ch[name]
+            if name in _SCALED:
+                _kind, res, sentinel = _SCALED[name]
+                out = raw * res
+                out[raw == sentinel] = np.nan
+                cols[name] = out
+            else:
+                cols[name] = raw.astype(np.float64)
         return cls(**cols)
 
     @classmethod
     def from_bytes(cls, data: bytes, channels: int) -> SampleBlock:
         return cls.unpack(np.frombuffer(data, dtype=tick_dtype(channels)))
+
+
+@dataclass(frozen=True)
+class _PackPlan:
+    """Row-wide constants for packing a float64 matrix in record layout."""
+
+    dtype: np.dtype  # the record
+    f64: np.dtype  # the same layout with every field float64
+    scaled: np.ndarray  # bool: column stored as a scaled integer
+    scale: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    sentinel: np.ndarray
+
+
+@lru_cache(maxsize=8)
+def _pack_plan(channels: int) -> _PackPlan:
+    dtype = tick_dtype(channels)
+    chan64 = np.dtype([(name, "<f8") for name in CHANNEL_FIELDS])
+    f64 = np.dtype([("t", "<f8"), ("seq", "<f8"), ("ms", "<f8"), ("st", "<f8"), ("ch", chan64, (channels,))])
+    scaled, scale, lo, hi, sentinel = [False] * 4, [1.0] * 4, [-np.inf] * 4, [np.inf] * 4, [0.0] * 4
+    for _ in range(channels):
+        for name in CHANNEL_FIELDS:
+            if name in _SCALED:
+                kind, res, miss = _SCALED[name]
+                info = np.iinfo(kind)
+                # The sentinel is one end of the range; keep real values off it.
+                low, high = (info.min + 1, info.max) if miss == info.min else (info.min, info.max - 1)
+                scaled.append(True)
+                scale.append(1.0 / res)
+                lo.append(low)
+                hi.append(high)
+                sentinel.append(miss)
+            else:
+                scaled.append(False)
+                scale.append(1.0)
+                lo.append(-np.inf)
+                hi.append(np.inf)
+                sentinel.append(0.0)
+    arr = lambda v: np.array(v, dtype=np.float64)  # noqa: E731
+    return _PackPlan(dtype, f64, np.array(scaled), arr(scale), arr(lo), arr(hi), arr(sentinel))
 
 
 def resolution(name: str) -> float:

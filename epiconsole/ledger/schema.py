@@ -75,8 +75,10 @@ CREATE TABLE epi_results (
     t        REAL NOT NULL
 );
 
--- Sealed chunks of packed ticks (see samples.py). t_first/t_last are the min/max tick time; a chunk
--- never spans more than MAX_CHUNK_SPAN_S, which lets a time query use the t_first index alone.
+-- Chunks of packed ticks (see samples.py), in commit order. The newest chunk is the open one: small
+-- commits append to it in place until it holds a page's worth. t_first/t_last are the min/max tick
+-- time; a chunk never spans more than MAX_CHUNK_SPAN_S, which lets a time query use the t_first
+-- index alone.
 CREATE TABLE sample_chunks (
     id      INTEGER PRIMARY KEY,
     t_first REAL NOT NULL,
@@ -86,18 +88,6 @@ CREATE TABLE sample_chunks (
     data    BLOB NOT NULL
 );
 CREATE INDEX sample_chunks_t ON sample_chunks(t_first);
-
--- The chunk still being filled: at most one row. Small commits append to it in place; when full it
--- moves to sample_chunks under the id it already carries, so viewer cursors stay valid.
-CREATE TABLE sample_tail (
-    slot     INTEGER PRIMARY KEY CHECK (slot = 1),
-    chunk_id INTEGER NOT NULL,
-    t_first  REAL NOT NULL,
-    t_last   REAL NOT NULL,
-    n        INTEGER NOT NULL,
-    nch      INTEGER NOT NULL,
-    data     BLOB NOT NULL
-);
 
 CREATE TABLE gaps (
     id      INTEGER PRIMARY KEY,
