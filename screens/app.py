@@ -122,6 +122,8 @@ class EpiConsoleApp(App[None]):
         self.nodes_ctl = NodesController(options.root)
         self.log_ctl = LogController()
         self.last_outcome: CommandOutcome | None = None
+        self._posted: LabState | None = None
+        self._posted_at = -1e9
         self._polls = 0
 
     # ------------------------------------------------------------------------------ bindings
@@ -171,9 +173,22 @@ class EpiConsoleApp(App[None]):
     async def refresh_data(self, with_results: bool = True) -> LabState:
         """Read the lab's state once and show it (the poll loop calls this; tests call it by hand)."""
         source = await self.open_source()
-        state = await read_state(source, self.state, with_results=with_results, clock=self.options.clock)
-        await self.log_ctl.poll(source)
-        self.post_message(StateUpdated(state))
+        previous = self._posted
+        state = await read_state(source, previous, with_results=with_results, clock=self.options.clock)
+        new_events = await self.log_ctl.poll(source)
+        now = time.monotonic()
+        unchanged = (
+            previous is not None
+            and state.live == previous.live
+            and state.campaign == previous.campaign
+            and state.results == previous.results
+            and not new_events
+        )
+        # Polling is faster than the service publishes: redraw only for news, but at least once a second
+        # (ages and "service not answering" depend on the clock, not on news).
+        if not unchanged or now - self._posted_at >= 1.0:
+            self._posted, self._posted_at = state, now
+            self.post_message(StateUpdated(state))
         return state
 
     async def _poll_loop(self) -> None:

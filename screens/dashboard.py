@@ -78,7 +78,7 @@ class DashboardScreen(ConsoleScreen):
         bar.display = v.stage_progress is not None
         if v.stage_progress is not None and bar.progress != round(100 * v.stage_progress, 1):
             bar.update(total=100, progress=round(100 * v.stage_progress, 1))
-        show_text(self.query_one("#trials-line", Static), f"repetitions {v.trials}  ETA {v.eta}")
+        show_text(self.query_one("#trials-line", Static), f"{v.trials} reps · ETA {v.eta}")
         amb = Text()
         amb.append("ambient ", style="dim")
         amb.append(v.ambient, style="bold" if v.ambient_ok is not False else "bold reverse")

@@ -29,7 +29,7 @@ class ConsoleOptions:
     #: True when this console attached to a service another process runs.
     attached: bool = False
     #: Live state poll rate; 0 turns polling off (snapshot tests refresh by hand).
-    poll_hz: float = 8.0
+    poll_hz: float = 12.0
     #: The results table changes at stage boundaries only: read it every this many polls.
     results_every: int = 5
     #: Chart redraw rate (charts redraw only when visible and only when their data changed).

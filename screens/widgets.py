@@ -11,11 +11,15 @@ from screens.controllers.dashboard import NodeTileView
 
 
 def show_text(widget: Static, content: str | Text) -> None:
-    """Update a Static only when its content changed: an update costs a layout and a repaint, and most
-    polls change only a few figures."""
+    """Update a Static only when its content changed, and without a layout pass.
+
+    Every Static updated per poll has a fixed height in the stylesheet, so its size never depends on
+    its text; a layout pass of the whole screen costs tens of milliseconds on a Pi and would run at
+    the poll rate otherwise.
+    """
     if getattr(widget, "_epi_shown", None) != content:
         widget._epi_shown = content  # type: ignore[attr-defined]
-        widget.update(content)
+        widget.update(content, layout=False)
 
 
 def show_digits(widget: Digits, value: str) -> None:
@@ -28,7 +32,7 @@ class TopBar(Static):
     screen must be the same for the same lab state (snapshots)."""
 
     DEFAULT_CSS = """
-    TopBar { height: 1; width: 1fr; background: $panel; color: $foreground; }
+    TopBar { height: 1; width: 1fr; background: $panel; color: $foreground; text-wrap: nowrap; }
     """
 
     def show(self, screen_title: str, lab: str, simulated: bool, view_only: bool, run_state: str,
@@ -62,13 +66,13 @@ class NodeTile(Vertical):
     NodeTile .watts-row { height: 3; }
     NodeTile Digits { width: auto; }
     NodeTile .unit { width: auto; padding: 1 0 0 1; text-style: bold; }
-    NodeTile .line { height: 1; }
+    NodeTile .line { height: 1; text-wrap: nowrap; text-overflow: ellipsis; }
     NodeTile Sparkline { height: 1fr; min-height: 1; max-height: 10; margin-top: 1; }
     NodeTile .spark-caption { height: 1; color: $foreground 60%; }
     """
 
-    #: Sparklines redraw at most this often (acquisition runs faster; a sparkline gains nothing from it).
-    SPARK_INTERVAL_S = 0.5
+    #: Sparklines (3 minutes wide) redraw at most once a second: faster adds CPU, not information.
+    SPARK_INTERVAL_S = 1.0
 
     def __init__(self, index: int) -> None:
         super().__init__(id=f"tile-{index}", classes=f"series-{index % 4}")
