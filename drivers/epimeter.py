@@ -524,7 +524,8 @@ class EpiMeter:
 
     Events are :class:`MeterSample`, :class:`MeterInfo`, :class:`MeterGap` and :class:`MeterState`,
     in wire order, through a bounded queue (one consumer; if it falls behind, the oldest events are
-    dropped and counted). The port is reopened with exponential backoff (up to ``reconnect_max_s``)
+    dropped, counted, and the lost samples reported as an ``overflow`` gap). Commands are matched
+    to answers by name, in order; the late answer to a command that timed out is skipped. The port is reopened with exponential backoff (up to ``reconnect_max_s``)
     whenever it fails, reaches EOF or its path vanishes. On every connect it asks for the info line
     (``ask_info``), so :meth:`status` knows the board even when its boot-time line went unheard.
     A reboot is seen from ``ms``/``seq``/``Wh`` going back, and after a disconnect also from the
