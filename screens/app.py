@@ -246,6 +246,7 @@ class EpiConsoleApp(App[None]):
         i = names.index(self.theme) if self.theme in names else -1
         self.theme = names[(i + 1) % len(names)]
         self.notify(f"theme: {self.theme}", timeout=2)
+        self._render_visible()  # badges and charts take their colours from the theme at draw time
 
     def lab_command(self, req: CommandRequest) -> None:
         """Ask (for destructive commands), then send ``req`` to the lab service in a worker."""

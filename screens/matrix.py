@@ -173,6 +173,7 @@ class MatrixDetailScreen(Screen[None]):
         super().__init__()
         self.trial_id = trial_id
         self.detail: DetailView | None = None
+        self._drawn_theme = ""
 
     def compose(self) -> ComposeResult:
         yield TopBar()
@@ -198,6 +199,7 @@ class MatrixDetailScreen(Screen[None]):
         self._draw()
 
     def _draw(self) -> None:
+        self._drawn_theme = self.app.theme
         d = self.detail
         text = Text()
         if d is None:
@@ -243,4 +245,6 @@ class MatrixDetailScreen(Screen[None]):
         plot.refresh()
 
     def render_state(self) -> None:
-        """Detail data is a one-off read; the live state does not change it."""
+        """Detail data is a one-off read; only a theme change redraws it (the trace's colours)."""
+        if self.detail is not None and self.app.theme != self._drawn_theme:
+            self._draw()

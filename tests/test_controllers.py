@@ -235,6 +235,9 @@ def test_themes_builtin_user_and_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="bad.toml: primary"):
         load_user_themes(tmp_path)
     assert load_user_themes(tmp_path / "missing") == []
+    examples = Path(__file__).resolve().parent.parent / "themes" / "examples"
+    (amber,) = load_user_themes(examples)
+    assert amber.name == "amber-night" and amber.variables["node-0"] == "#FFB000"
 
 
 def test_campaign_type_is_what_the_ledger_returns() -> None:

@@ -125,3 +125,24 @@ def test_console_starts_service_runs_matrix_and_viewers_never_stop_it(tmp_path: 
         if service_pid and _alive(service_pid):
             os.kill(service_pid, signal.SIGTERM)
             _wait(lambda: not _alive(service_pid), 20, "the service to stop")
+
+
+def test_quitting_an_idle_console_stops_the_service_it_started(tmp_path: Path) -> None:
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "data"), XDG_CONFIG_HOME=str(tmp_path / "config"),
+               TERM="xterm-256color")
+    env.pop("EPICONSOLE_CONFIG", None)
+    ledger = tmp_path / "data" / "epiconsole" / "sim-ledger.sqlite"
+    pid, fd = _spawn(env, cols=80, rows=24)
+    service_pid = 0
+    try:
+        _read_until(fd, (b"SIMULATED", b"pi3"), 60)
+        service_pid = _live(ledger)["service"]["pid"]
+        out = _quit(pid, fd)
+        pid = 0
+        assert b"the run goes on" not in out
+        _wait(lambda: not _alive(service_pid), 20, "the idle service to stop with its console")
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+        if service_pid and _alive(service_pid):
+            os.kill(service_pid, signal.SIGTERM)
