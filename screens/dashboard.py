@@ -23,13 +23,14 @@ class DashboardScreen(ConsoleScreen):
         with Horizontal(id="panels"):
             with Vertical(id="cluster", classes="panel"):
                 with Horizontal(classes="big-row"):
-                    yield Digits("—", id="cluster-w")
+                    yield Digits("--.-", id="cluster-w")
                     yield Static("W cluster", classes="unit")
                 yield Static("", id="cluster-text", classes="line")
                 yield Static("", id="energy", classes="line")
             with Vertical(id="run", classes="panel"):
                 yield Static("", id="run-line", classes="line")
                 yield Static("", id="stage-line", classes="line")
+                yield Static("", id="suspender-line", classes="line")
                 yield ProgressBar(total=100, show_eta=False, id="stage-progress")
                 yield Static("", id="trials-line", classes="line")
             with Vertical(id="lab", classes="panel"):
@@ -70,9 +71,12 @@ class DashboardScreen(ConsoleScreen):
         stage.append(v.stage, style="bold")
         if v.countdown:
             stage.append(f"  {v.countdown}")
-        if v.suspender:
-            stage.append(f"  SUSPENDED: {v.suspender}", style="bold reverse")
         show_text(self.query_one("#stage-line", Static), stage)
+        suspender = self.query_one("#suspender-line", Static)
+        suspender.display = bool(v.suspender)
+        if v.suspender:
+            bad = self.console.theme_variables.get("node-fault", "red")
+            show_text(suspender, Text(f" SUSPENDED: {v.suspender} ", style=f"bold reverse {bad}"))
         bar = self.query_one("#stage-progress", ProgressBar)
         # An indeterminate bar animates forever (CPU, unstable snapshots): hide it when progress is unknown.
         bar.display = v.stage_progress is not None

@@ -8,6 +8,7 @@ from textual.containers import Vertical
 from textual.widgets import Digits, Sparkline, Static
 
 from screens.controllers.dashboard import NodeTileView
+from screens.controllers.fmt import MISSING
 
 
 def show_text(widget: Static, content: str | Text) -> None:
@@ -23,6 +24,9 @@ def show_text(widget: Static, content: str | Text) -> None:
 
 
 def show_digits(widget: Digits, value: str) -> None:
+    """Digits has no glyph for the missing mark; a missing reading shows as dashes, never as 0."""
+    if value == MISSING:
+        value = "--.-"
     if widget.value != value:
         widget.update(value)
 
@@ -83,7 +87,7 @@ class NodeTile(Vertical):
         from textual.containers import Horizontal
 
         with Horizontal(classes="watts-row"):
-            yield Digits("—", classes="watts")
+            yield Digits("--.-", classes="watts")
             yield Static("W", classes="unit")
         yield Static("", classes="line watts-text")
         yield Static("", classes="line mean")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tui_fixtures import FROZEN_NOW, INVALID, RUNNING_CONFIG, build_lab_ledger, use_utc
+from tui_fixtures import FROZEN_NOW, INVALID, RUNNING_CONFIG, build_lab_ledger, use_utc, write_fault_live
 
 from epiconsole.errors import ConfigError
 from epiconsole.ledger import Campaign, Ledger, Trial, TrialResult
@@ -244,3 +244,20 @@ def test_campaign_type_is_what_the_ledger_returns() -> None:
     # Guards the controllers' assumption about the record they read the simulated flag from.
     assert "simulated" in Campaign.__dataclass_fields__
     assert math.isfinite(FROZEN_NOW)
+
+
+async def test_dashboard_view_of_faults(lab_ledger: Path, tmp_path: Path) -> None:
+    import shutil
+
+    path = tmp_path / "faults.sqlite"
+    shutil.copy(lab_ledger, path)
+    await write_fault_live(path)
+    src, state = await _state(path)
+    await src.close()
+    v = DashboardController(("pi0", "pi1", "pi2", "pi3")).view(state, FROZEN_NOW)
+    pi1 = v.tiles[1]
+    assert pi1.health == "fault" and pi1.watts == "—" and "connection refused" in pi1.throttle
+    assert v.cluster_w == "—"  # one node missing: no made-up total
+    assert not v.meter_ok and v.meter.startswith("DISCONNECTED")
+    assert v.ambient_ok is False and v.suspender == "node pi1 unreachable"
+    assert v.stage_progress is None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from textual.pilot import Pilot
-from tui_fixtures import build_lab_ledger, console_options, use_utc
+from tui_fixtures import build_lab_ledger, console_options, use_utc, write_fault_live
 
 from screens.app import make_app
 
@@ -61,4 +61,16 @@ def test_help(snap_compare, lab_ledger: Path) -> None:  # type: ignore[no-untype
 
 def test_daylight_dashboard_small(snap_compare, lab_ledger: Path) -> None:  # type: ignore[no-untyped-def]
     app = make_app(console_options(lab_ledger, theme="epi-daylight"))
+    assert snap_compare(app, terminal_size=(128, 37), run_before=_before("d"))
+
+
+def test_dashboard_in_trouble(snap_compare, lab_ledger: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A node unreachable, the meter unplugged, the room too warm, the run suspended: all visible at once."""
+    import asyncio
+    import shutil
+
+    path = tmp_path / "faults.sqlite"
+    shutil.copy(lab_ledger, path)
+    asyncio.run(write_fault_live(path))
+    app = make_app(console_options(path))
     assert snap_compare(app, terminal_size=(128, 37), run_before=_before("d"))

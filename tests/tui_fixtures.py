@@ -236,3 +236,30 @@ def console_options(ledger_path: Path, **overrides: Any):  # type: ignore[no-unt
 
 def finite(x: float) -> bool:
     return math.isfinite(x)
+
+
+async def write_fault_live(path: Path) -> Path:
+    """Overwrite the live state with a bad moment: pi1 unreachable, the meter unplugged, the room too
+    warm, the run suspended (what the console must make obvious from across the room)."""
+    import dataclasses
+
+    phys = Physics(SEED)
+    live = live_snapshot(phys)
+    nodes = dict(live.nodes.nodes)
+    nodes["pi1"] = dataclasses.replace(nodes["pi1"], ssh_ok=False, ssh_error="connection refused", W=None,
+                                       W_mean_10s=None, V=None, A=None, PF=None, temp_c=None, arm_hz=None,
+                                       governor="", process_running=None, recent=())
+    live = dataclasses.replace(
+        live,
+        nodes=dataclasses.replace(live.nodes, nodes=nodes, cluster_W=None, api_ok=False),
+        meter=dataclasses.replace(live.meter, connected=False, reconnects=4),
+        run=dataclasses.replace(live.run, state="suspended", suspender="node pi1 unreachable",
+                                suspended_since=FROZEN_NOW - 40, stage_progress=None, stage_eta=0.0),
+        ambient=AmbientLive(temp_c=25.3, time=FROZEN_NOW - 2, in_band=False),
+    )
+    clock = [FROZEN_NOW]
+    with frozen_ledger_clock(clock):
+        async with await Ledger.open(path) as ledger:
+            for key, value in live.to_live().items():
+                await ledger.set_live(key, value)
+    return path

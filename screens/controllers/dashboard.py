@@ -128,8 +128,8 @@ def tile(n: NodeLive, series: int, now: float, temp_max: float) -> NodeTileView:
 def meter_line(live: LiveSnapshot) -> tuple[str, bool]:
     m = live.meter
     if not m.connected:
-        state = "DISCONNECTED" + (f" ({m.port})" if m.port else "")
-        return f"{state} · reconnects {m.reconnects}", False
+        # The port last: on a narrow screen it is what gets cut, not the state.
+        return "DISCONNECTED · reconnects " + str(m.reconnects) + (f" · {m.port}" if m.port else ""), False
     parts = [
         f"{m.rate_hz:.0f} Hz",
         f"lost {m.lost_lines}",
