@@ -133,7 +133,14 @@ def _counter_at(te: np.ndarray, e: np.ndarray, t: float, gap_limit_s: float) -> 
     return float(e[i] + (e[j] - e[i]) * frac), i, j
 
 
-def _near(ts: np.ndarray, t0: float, t1: float, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _valid(ts: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The samples where both time and value are present (no copy when all are)."""
+    ok = np.isfinite(v)
+    ok &= np.isfinite(ts)
+    return (ts, v) if ok.all() else (ts[ok], v[ok])
+
+
+def _near(ts: np.ndarray, v: np.ndarray, t0: float, t1: float) -> tuple[np.ndarray, np.ndarray]:
     """The valid samples that can touch [t0, t1]: those inside and the nearest one on each side."""
     lo = max(int(np.searchsorted(ts, t0, side="left")) - 1, 0)
     hi = int(np.searchsorted(ts, t1, side="right")) + 1
@@ -152,23 +159,22 @@ def window_energy(t: Any, W: Any, Wh: Any | None, t0: float, t1: float, gap_limi
         raise ValueError("gap_limit_s must be positive")
     tt = np.asarray(t, dtype=np.float64)
     ww = np.asarray(W, dtype=np.float64)
-    ee = np.full_like(tt, np.nan) if Wh is None else np.asarray(Wh, dtype=np.float64)
-    if not (tt.shape == ww.shape == ee.shape) or tt.ndim != 1:
+    ee = None if Wh is None else np.asarray(Wh, dtype=np.float64)
+    if not (tt.shape == ww.shape == (tt.shape if ee is None else ee.shape)) or tt.ndim != 1:
         raise ValueError("t, W and Wh must be 1-D arrays of the same length")
     if tt.size > 1 and not bool(np.all(tt[1:] >= tt[:-1])):
         order = np.argsort(tt, kind="stable")
-        tt, ww, ee = tt[order], ww[order], ee[order]
+        tt, ww = tt[order], ww[order]
+        ee = None if ee is None else ee[order]
     duration = t1 - t0
 
-    okw = np.isfinite(tt) & np.isfinite(ww)
-    tw, w = _near(tt[okw], t0, t1, ww[okw])
+    tw, w = _near(*_valid(tt, ww), t0, t1)
     inside = (tw >= t0) & (tw <= t1)
     n_samples = int(inside.sum())
     peak = float(w[inside].max()) if n_samples else None
 
     # Counter method: both ends covered, counter monotonic in between.
-    oke = np.isfinite(tt) & np.isfinite(ee)
-    te, e = _near(tt[oke], t0, t1, ee[oke])
+    te, e = _near(*_valid(tt, ee), t0, t1) if ee is not None else (tt[:0], tt[:0])
     start = _counter_at(te, e, t0, gap_limit_s) if te.size else None
     end = _counter_at(te, e, t1, gap_limit_s) if start else None
     if start and end and bool(np.all(np.diff(e[start[1] : end[2] + 1]) >= 0)):
@@ -228,10 +234,12 @@ def cluster_energy(
     joules = None if not figures or any(f.joules is None for f in figures) else sum(f.joules for f in figures)  # type: ignore[misc]
     methods = {f.method for f in figures}
     method = None if joules is None else (methods.pop() if len(methods) == 1 else "mixed")
-    inside = (t >= t0) & (t <= t1)
+    i0, i1 = int(np.searchsorted(t, t0, "left")), int(np.searchsorted(t, t1, "right"))
     peak = None
-    if chans and inside.any():
-        total = Wa[inside][:, list(chans)].sum(axis=1)  # NaN where any node is missing at that tick
+    if chans and i1 > i0:
+        cols = list(chans)
+        inside = Wa[i0:i1] if cols == list(range(Wa.shape[1])) else Wa[i0:i1, cols]
+        total = inside.sum(axis=1)  # NaN where any node is missing at that tick
         total = total[np.isfinite(total)]
         peak = float(total.max()) if total.size else None
     return ClusterEnergy(

@@ -52,6 +52,8 @@ from epiconsole.ledger.schema import MIGRATIONS, SCHEMA_VERSION
 MAX_CHUNK_SPAN_S = 60.0
 #: How long a statement waits for a lock held by another connection before failing.
 BUSY_TIMEOUT_S = 5.0
+#: Address space a read-only connection may map (long sample reads skip a copy per page).
+READER_MMAP_BYTES = 256 * 1024 * 1024
 #: Sample commits up to this many ticks run on the event loop thread (see Ledger.insert_samples).
 FAST_MAX_TICKS = 64
 #: Those commits leave WAL checkpoints to the threaded connection, asked for this often.
@@ -138,6 +140,8 @@ class Ledger:
             if not path.exists():
                 raise LedgerError(f"No ledger at {path}: start a run or the lab service first.")
             db = await aiosqlite.connect(f"file:{quote(str(path))}?mode=ro", uri=True, isolation_level=None)
+            # Viewers read long sample ranges: mapping the file spares copying every page.
+            await db.execute(f"PRAGMA mmap_size = {READER_MMAP_BYTES}")
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             db = await aiosqlite.connect(str(path), isolation_level=None)
@@ -454,34 +458,48 @@ class Ledger:
         return plan
 
     @staticmethod
-    def _decode(rows: Iterable[Sequence[Any]]) -> SampleBlock:
-        """Rows of (id, n, nch, data[, skip]) -> one block, grouping runs of equal channel count."""
+    def _decode(
+        rows: Iterable[Sequence[Any]],
+        fields: Iterable[str] | None = None,
+        window: tuple[float, float] | None = None,
+    ) -> SampleBlock:
+        """Rows of (id, n, nch, data) -> one block, grouping runs of equal channel count.
+
+        With ``window``, only ticks inside it are decoded.
+        """
+        fields = None if fields is None else tuple(fields)
         groups: list[SampleBlock] = []
-        run: list[bytes] = []
-        run_nch: int | None = None
+        runs: list[tuple[int, list[bytes]]] = []
         for row in rows:
-            nch, data = row[2], row[3]
-            if run_nch is not None and nch != run_nch:
-                groups.append(SampleBlock.from_bytes(b"".join(run), run_nch))
-                run = []
-            run_nch = nch
-            run.append(data)
-        if run_nch is not None:
-            groups.append(SampleBlock.from_bytes(b"".join(run), run_nch))
+            if not runs or runs[-1][0] != row[2]:
+                runs.append((row[2], []))
+            runs[-1][1].append(row[3])
+        for nch, blobs in runs:
+            rec = np.frombuffer(b"".join(blobs), dtype=tick_dtype(nch))
+            if window is not None:
+                t = rec["t"]
+                if rec.size > 1 and bool(np.all(t[1:] >= t[:-1])):
+                    rec = rec[np.searchsorted(t, window[0], "left") : np.searchsorted(t, window[1], "right")]
+                else:
+                    rec = rec[(t >= window[0]) & (t <= window[1])]
+            groups.append(SampleBlock.unpack(rec, fields))
         return SampleBlock.concat(groups)
 
-    async def read_samples(self, t0: float, t1: float) -> SampleBlock:
+    async def read_samples(self, t0: float, t1: float, fields: Iterable[str] | None = None) -> SampleBlock:
         """All ticks with ``t0 <= t <= t1``, in time order (an empty block when there are none).
 
-        For energy over a window, read a margin of at least the gap limit on both sides so the window's
+        ``fields`` names the channel quantities to decode (default all); the others come back as
+        all-NaN arrays. Energy needs only ``("W", "Wh")``, which makes long reads much cheaper. For
+        energy over a window, read a margin of at least the gap limit on both sides so the window's
         ends are covered (see :func:`epiconsole.epi.window_energy`).
         """
         rows = await self._all(
+            # Index order: ORDER BY id would sort every blob in a temporary b-tree (4x slower).
             "SELECT id, n, nch, data FROM sample_chunks WHERE t_first BETWEEN :lo AND :t1 AND t_last >= :t0 "
-            "ORDER BY id",
+            "ORDER BY t_first, id",
             {"lo": t0 - MAX_CHUNK_SPAN_S, "t0": t0, "t1": t1},
         )
-        return self._decode(rows).slice_time(t0, t1).sorted_by_time()
+        return self._decode(rows, fields, (t0, t1)).sorted_by_time()
 
     async def samples_after(
         self, cursor: SampleCursor | None = None, *, max_chunks: int = 1000

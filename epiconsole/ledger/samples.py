@@ -231,6 +231,11 @@ class SampleBlock:
         """Ticks with ``t0 <= t <= t1``."""
         if self.n and t0 <= self.t[0] and self.t[-1] <= t1:
             return self
+        if self.n > 1 and bool(np.all(self.t[1:] >= self.t[:-1])):
+            # Ordered (as read from the ledger): a slice, no copies.
+            lo = np.searchsorted(self.t, t0, side="left")
+            hi = np.searchsorted(self.t, t1, side="right")
+            return self.take(slice(int(lo), int(hi)))
         return self.take((self.t >= t0) & (self.t <= t1))
 
     def sorted_by_time(self) -> SampleBlock:
@@ -277,8 +282,16 @@ class SampleBlock:
         return flat.view(plan.f64).reshape(n).astype(plan.dtype)
 
     @classmethod
-    def unpack(cls, rec: np.ndarray) -> SampleBlock:
-        """Inverse of :meth:`pack`."""
+    def unpack(cls, rec: np.ndarray, fields: Iterable[str] | None = None) -> SampleBlock:
+        """Inverse of :meth:`pack`.
+
+        ``fields`` limits which channel quantities are decoded (decoding is most of the cost of a
+        long read); the others come back as read-only all-NaN arrays that take no memory.
+        """
+        wanted = set(CHANNEL_FIELDS if fields is None else fields)
+        unknown = wanted - set(CHANNEL_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown sample quantities: {sorted(unknown)}")
         ch = rec["ch"]
         cols: dict[str, np.ndarray] = {
             "t": rec["t"].astype(np.float64),
@@ -288,7 +301,9 @@ class SampleBlock:
         }
         for name in CHANNEL_FIELDS:
             raw = ch[name]
-            if name in _SCALED:
+            if name not in wanted:
+                cols[name] = np.broadcast_to(np.float64(np.nan), raw.shape)
+            elif name in _SCALED:
                 _kind, res, sentinel = _SCALED[name]
                 out = raw * res
                 out[raw == sentinel] = np.nan
@@ -298,8 +313,8 @@ class SampleBlock:
         return cls(**cols)
 
     @classmethod
-    def from_bytes(cls, data: bytes, channels: int) -> SampleBlock:
-        return cls.unpack(np.frombuffer(data, dtype=tick_dtype(channels)))
+    def from_bytes(cls, data: bytes, channels: int, fields: Iterable[str] | None = None) -> SampleBlock:
+        return cls.unpack(np.frombuffer(data, dtype=tick_dtype(channels)), fields)
 
 
 @dataclass(frozen=True)
