@@ -46,8 +46,16 @@ async def test_runs_every_trial_through_every_stage_once(ledger, tmp_path):
     assert all(r.benchmark and r.epi for r in results)
     # Configuration stages once per configuration; the baseline skips surgery and validate.
     config_calls = [c for c in actions.calls if c[0] in CONFIG_STAGES]
-    assert config_calls == [("convert", "baseline"), ("deploy", "baseline")] + [
-        (s, cid_) for cid_ in ("drop1_all", "drop1_early") for s in CONFIG_STAGES]
+    assert sorted(config_calls) == sorted([("convert", "baseline"), ("deploy", "baseline")] + [
+        (s, cid_) for cid_ in ("drop1_all", "drop1_early") for s in CONFIG_STAGES])
+    for cid_ in ("drop1_all", "drop1_early"):
+        assert [c[0] for c in config_calls if c[1] == cid_] == list(CONFIG_STAGES)
+    # The next configuration is built on the DGX while the current one is measured; deploy waits.
+    first_bench = actions.calls.index(("benchmark", "baseline"))
+    assert ("surgery", "drop1_all") in actions.calls[:first_bench + 1]
+    assert actions.calls.index(("deploy", "drop1_all")) > actions.calls.index(("benchmark", "baseline"))
+    assert max(i for i, c in enumerate(actions.calls) if c[1] == "baseline") < actions.calls.index(
+        ("deploy", "drop1_all"))
     for r in results:
         stages = [(c.stage, c.status) for c in await ledger.checkpoints(r.trial.id)]
         rep_stages = [s for s in stages if s[0] in REP_STAGES]
@@ -83,7 +91,13 @@ async def test_resume_after_interruption_continues_at_first_unfinished_stage(led
     results = await ledger.results(cid)
     assert len(results) == 4 and all(r.trial.valid for r in results)
     # The half-done measurement was redone from stabilize; the model was redeployed, not rebuilt.
-    assert actions2.calls[:3] == [("deploy", "baseline"), ("stabilize", "baseline"), ("benchmark", "baseline")]
+    baseline = [c[0] for c in actions2.calls if c[1] == "baseline"]
+    assert baseline[:3] == ["deploy", "stabilize", "benchmark"]
+    # drop1_all's build was under way before the interruption: each of its stages finished exactly once
+    # (a stage cut off mid-way ran again from its start).
+    anchor = next(r.trial for r in results if r.trial.config_id == "drop1_all")
+    done = [c.stage for c in await ledger.checkpoints(anchor.id) if c.status == "done" and c.stage in CONFIG_STAGES]
+    assert done == list(CONFIG_STAGES)
     first = results[0].trial
     assert [c.stage for c in await ledger.checkpoints(first.id) if c.status == "done"].count("benchmark") == 1
 
@@ -226,3 +240,33 @@ async def test_failing_measurement_is_retried_then_failed(ledger, tmp_path):
     trial = (await ledger.trials(cid))[0]
     assert trial.status == "failed" and "benchmark failed" in trial.reasons[0]
     assert sum(1 for c in actions.calls if c[0] == "benchmark") == engine.measure_attempts
+
+
+async def test_a_failed_background_build_fails_that_configuration_only(ledger, tmp_path):
+    actions = FakeActions()
+    actions.fail["surgery"] = 1  # drop1_all's surgery, built while the baseline is measured
+    engine, events = make_engine(ledger, tmp_path, actions)
+    cid = await engine.open(small_plan(configs=3, reps=1))
+    assert await engine.run() == FINISHED
+    trials = {t.config_id: t for t in await ledger.trials(cid)}
+    assert trials["baseline"].valid and trials["drop1_early"].valid
+    assert trials["drop1_all"].status == "failed" and "surgery failed" in trials["drop1_all"].reasons[0]
+    background = [e for e in events if e.event == "stage" and e.data.get("background")]
+    assert "drop1_all" in {e.data["config_id"] for e in background}
+
+
+async def test_skipping_the_configuration_being_built_interrupts_its_build(ledger, tmp_path):
+    actions = FakeActions()
+    actions.hold["validate"] = asyncio.Event()  # drop1_all's build waits in validate
+    actions.hold["benchmark"] = asyncio.Event()
+    engine, _ = make_engine(ledger, tmp_path, actions)
+    cid = await engine.open(small_plan(configs=2, reps=1))
+    task = asyncio.create_task(engine.run())
+    await wait_for(lambda: "validate" in actions.entered and "benchmark" in actions.entered)
+    engine.skip("drop1_all")
+    actions.hold["benchmark"].set()
+    assert await asyncio.wait_for(task, 5) == FINISHED
+    trials = {t.config_id: t for t in await ledger.trials(cid)}
+    assert trials["baseline"].valid and trials["drop1_all"].status == "skipped"
+    anchor = trials["drop1_all"].id
+    assert (await ledger.stage_status(anchor))["validate"].status == "discarded"

@@ -73,6 +73,14 @@ class _StageFailed(Exception):
         self.message = message
 
 
+#: Configuration stages that run on the DGX only, so they can run while another configuration is measured.
+BUILD_STAGES = ("surgery", "validate", "convert")
+
+
+def _quiet(value: float | None, message: str = "") -> None:
+    """Progress of a background stage: not shown (the live view follows the foreground stage)."""
+
+
 def plan_from_stored(data: dict[str, Any]) -> Plan:
     """The plan a campaign stored (``Plan.to_dict``), so a resume runs exactly what was started."""
     fields = {f.name for f in dataclasses.fields(Configuration)}
@@ -120,8 +128,10 @@ class Engine:
         self._pause_requested = False
         self._resume = asyncio.Event()
         self._abort = asyncio.Event()
-        self._interrupt = asyncio.Event()  # wakes a running stage: abort, or skip of its configuration
         self._skip: set[str] = set()
+        self._skip_events: dict[str, asyncio.Event] = {}  # wake a running stage of a skipped configuration
+        #: The next configuration's DGX stages, built while this one is measured (see _prefetch).
+        self._build: tuple[str, asyncio.Task[None]] | None = None
         # state for viewers
         self._state: RunState = "idle"
         self._config_id = ""
@@ -169,7 +179,6 @@ class Engine:
         if self._state in ("idle", "finished", "failed", "aborted"):
             return "no campaign is running"
         self._abort.set()
-        self._interrupt.set()
         self._resume.set()
         self._state = "aborting"
         return "aborting: the current measurement is discarded"
@@ -179,9 +188,11 @@ class Engine:
             return "no campaign is running"
         self.plan.get(config_id)  # KeyError for an unknown id
         self._skip.add(config_id)
-        if config_id == self._config_id:
-            self._interrupt.set()
+        self._skip_event(config_id).set()
         return f"skipping {config_id}"
+
+    def _skip_event(self, config_id: str) -> asyncio.Event:
+        return self._skip_events.setdefault(config_id, asyncio.Event())
 
     async def retry(self, config_id: str) -> int:
         """Queue a failed, invalid or skipped configuration again; returns the repetitions re-queued."""
@@ -189,6 +200,7 @@ class Engine:
             raise KeyError("no campaign")
         self.plan.get(config_id)
         self._skip.discard(config_id)
+        self._skip_events.pop(config_id, None)
         n = 0
         for t in await self.ledger.trials(self.campaign_id):
             if t.config_id != config_id or t.status in ("pending", "running"):
@@ -310,7 +322,10 @@ class Engine:
                              f"{self._trials_total} repetitions ({self._trials_done} done)",
                              status=verb, plan=self.plan.name, trials_total=self._trials_total,
                              trials_done=self._trials_done, simulated=self.cfg.simulated)
-            await self._loop()
+            try:
+                await self._loop()
+            finally:
+                await self._stop_build()
             status = FINISHED
         except _Aborted:
             status = ABORTED
@@ -363,11 +378,11 @@ class Engine:
                 continue
             if self._prepared is None:
                 self._prepared = await self.actions.prepare()
-            self._interrupt.clear()
             try:
                 if self._deployed != config.id:
                     anchor = next(t for t in trials if t.config_id == config.id)
                     await self._prepare_config(config, anchor)
+                self._prefetch(trials, config)
                 started = time.monotonic()
                 await self._run_trial(trial, config)
                 self._trial_seconds.append(time.monotonic() - started)
@@ -419,17 +434,32 @@ class Engine:
         measurement: bool = False,
         commit: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
         accept: Callable[[dict[str, Any]], str] | None = None,
+        background: bool = False,
     ) -> dict[str, Any]:
-        """Run one stage with its checkpoints; interruptions discard it and raise."""
-        await self._boundary()
+        """Run one stage with its checkpoints; interruptions discard it and raise.
+
+        A ``background`` stage (the next configuration's build) leaves the live state to the stage in
+        the foreground and waits out a pause silently.
+        """
+        if background:
+            await self._wait_unpaused()
+        else:
+            await self._boundary()
+        if trial.config_id in self._skip:
+            raise _Skipped("skipped by the operator")
         ident = {"trial_id": trial.id, "config_id": trial.config_id, "rep": trial.rep, "stage": stage}
-        self._config_id, self._rep, self._stage_name = trial.config_id, trial.rep, stage
-        self._stage_started = time.time()
-        self._progress = None
+        started_at = time.time()
+        if background:
+            ident["background"] = True
+        else:
+            self._config_id, self._rep, self._stage_name = trial.config_id, trial.rep, stage
+            self._stage_started = started_at
+            self._progress = None
         await self.ledger.checkpoint(trial.id, stage, "started")
         await self._emit("stage", f"{trial.config_id} rep {trial.rep}: {stage}", status="started", **ident)
         task = asyncio.create_task(fn(), name=f"stage {stage} {trial.config_id}/{trial.rep}")
-        watchers = [asyncio.create_task(self._interrupt.wait(), name="engine interrupt")]
+        watchers = [asyncio.create_task(self._abort.wait(), name="abort watch"),
+                    asyncio.create_task(self._skip_event(trial.config_id).wait(), name="skip watch")]
         if measurement:
             watchers.append(asyncio.create_task(self.suspenders.wait_trip(), name="suspender watch"))
         try:
@@ -444,7 +474,7 @@ class Engine:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        elapsed = round(time.time() - self._stage_started, 3)
+        elapsed = round(time.time() - started_at, 3)
         if task.done() and not task.cancelled() and task.exception() is None:
             result = task.result() or {}
             discard = accept(result) if accept else ""
@@ -491,6 +521,10 @@ class Engine:
 
     async def _prepare_config(self, config: Configuration, anchor: Trial) -> None:
         """Surgery .. deploy for ``config`` (resuming at the first unfinished one; checking a deployment)."""
+        if self._build is not None and self._build[0] == config.id:
+            task = self._build[1]
+            self._build = None
+            await task  # its stage failure or interruption is this configuration's
         stages = [s for s in config.stages if s in CONFIG_STAGES]
         latest = await self.ledger.stage_status(anchor.id)
         start = next((i for i, s in enumerate(stages) if latest.get(s) is None or latest[s].status != "done"), None)
@@ -511,8 +545,58 @@ class Engine:
                 self._deploy_data = data
         self._deployed = config.id
 
-    def _action(self, stage: str, config: Configuration) -> Callable[[], Awaitable[dict[str, Any]]]:
-        return functools.partial(getattr(self.actions, stage), config, self._on_progress)
+    def _action(self, stage: str, config: Configuration, background: bool = False
+                ) -> Callable[[], Awaitable[dict[str, Any]]]:
+        progress = _quiet if background else self._on_progress
+        return functools.partial(getattr(self.actions, stage), config, progress)
+
+    # ---------------------------------------------------------------------------- prefetching
+
+    def _prefetch(self, trials: list[Trial], current: Configuration) -> None:
+        """Build the next configuration on the DGX (surgery, validate, convert) while this one is measured.
+
+        The DGX is not metered and the cluster is not touched (deploy waits for its turn), so the
+        measurements are unaffected; on the real lab this hides the DGX's hour per configuration. Each
+        build stage is checkpointed as usual, so a crash resumes a half-built configuration too.
+        """
+        if self._build is not None:
+            return
+        assert self.plan is not None
+        later = [t for t in trials if t.status in ("pending", "running") and t.config_id != current.id
+                 and t.config_id not in self._skip]
+        if not later:
+            return
+        nxt = self.plan.get(later[0].config_id)
+        if not any(s in nxt.stages for s in BUILD_STAGES):
+            return
+        anchor = next(t for t in trials if t.config_id == nxt.id)
+        task = asyncio.get_running_loop().create_task(self._build_stages(nxt, anchor), name=f"build {nxt.id}")
+        self._build = (nxt.id, task)
+
+    async def _build_stages(self, config: Configuration, anchor: Trial) -> None:
+        latest = await self.ledger.stage_status(anchor.id)
+        for stage in (s for s in config.stages if s in BUILD_STAGES):
+            c = latest.get(stage)
+            if c is None or c.status != "done":
+                await self._stage(anchor, stage, self._action(stage, config, background=True), background=True)
+
+    async def _stop_build(self) -> None:
+        """Cancel a build in flight (the campaign ends or stops); its stage stays unfinished, to resume."""
+        if self._build is None:
+            return
+        task = self._build[1]
+        self._build = None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+    async def _wait_unpaused(self) -> None:
+        if self._abort.is_set():
+            raise _Aborted("aborted by the operator")
+        while self._pause_requested and not self._abort.is_set():
+            await self._resume.wait()
+        if self._abort.is_set():
+            raise _Aborted("aborted by the operator")
 
     async def _run_trial(self, trial: Trial, config: Configuration) -> None:
         await self.ledger.set_trial(trial.id, status="running")
