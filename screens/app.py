@@ -24,7 +24,7 @@ from textual.screen import Screen
 from epiconsole.errors import UserError
 from screens.confirm import ConfirmScreen
 from screens.controllers.commands import Commander, CommandOutcome, CommandRequest
-from screens.controllers.curves import CurvesController
+from screens.controllers.curves import AnalysisCache, CurvesController
 from screens.controllers.dashboard import DashboardController
 from screens.controllers.log import LogController
 from screens.controllers.matrix import MatrixController
@@ -117,8 +117,9 @@ class EpiConsoleApp(App[None]):
         self.state = LabState()
         self.problem = ""
         self.dashboard_ctl = DashboardController(options.node_order, options.temp_max_c)
-        self.matrix_ctl = MatrixController()
-        self.curves_ctl = CurvesController(options.tolerance_pts)
+        analysis = AnalysisCache(options.tolerance_pts)  # one analysis per results table, for both screens
+        self.matrix_ctl = MatrixController(analysis)
+        self.curves_ctl = CurvesController(options.tolerance_pts, analysis)
         self.nodes_ctl = NodesController(options.root)
         self.log_ctl = LogController()
         self.last_outcome: CommandOutcome | None = None

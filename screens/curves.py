@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
@@ -23,6 +23,7 @@ class CurvesScreen(ConsoleScreen):
     def __init__(self) -> None:
         super().__init__()
         self._drawn: tuple[CurvesView, str] | None = None
+        self._table_titles: list[str] = []
 
     def body(self) -> ComposeResult:
         with VerticalScroll(id="curves-body"):
@@ -30,16 +31,7 @@ class CurvesScreen(ConsoleScreen):
             with Horizontal(id="curves-plots"):
                 yield PlotextPlot(id="epi-plot")
                 yield PlotextPlot(id="pareto-plot")
-            table: DataTable[object] = DataTable(id="results-table", cursor_type="row", zebra_stripes=True)
-            yield table
-
-    def on_mount(self) -> None:
-        table = self.query_one("#results-table", DataTable)
-        for key, title in (("config", "config"), ("experts", "dropped"), ("target", "layers"), ("jpt", "J/token"),
-                           ("acc", "accuracy"), ("epi", "EPI (median ± half range)"), ("delta", "ΔEPI vs base"),
-                           ("valid", "valid reps")):
-            table.add_column(title, key=key)
-        super().on_mount()
+            yield Vertical(id="results-tables")
 
     def render_body(self) -> None:
         app = self.console
@@ -55,12 +47,34 @@ class CurvesScreen(ConsoleScreen):
         self.query_one("#curves-summary", Static).update(summary)
         self._draw_epi(v)
         self._draw_pareto(v)
-        table = self.query_one("#results-table", DataTable)
-        table.clear()
-        for r in v.table:
-            table.add_row(r.config_id, r.experts, r.target, Text(r.jpt, justify="right"),
-                          Text(r.accuracy, justify="right"), Text(r.epi, justify="right", style="bold"),
-                          Text(r.delta_epi, justify="right"), r.valid, key=r.config_id)
+        self._draw_tables(v)
+
+    def _draw_tables(self, v: CurvesView) -> None:
+        """The paper's tables (one per layer target, then the best-of), as ``epiconsole export`` writes them."""
+        box = self.query_one("#results-tables", Vertical)
+        titles = [t.title for t in v.tables]
+        if titles != self._table_titles:
+            box.remove_children()
+            widgets = []
+            for i, t in enumerate(v.tables):
+                widgets.append(Static(Text(t.title, style="bold"), classes="table-title"))
+                table: DataTable[object] = DataTable(id=f"paper-table-{i}", cursor_type="row", zebra_stripes=True,
+                                                     classes="paper-table")
+                widgets.append(table)
+            box.mount_all(widgets)
+            self._table_titles = titles
+            self.call_after_refresh(self._fill_tables, v)
+        else:
+            self._fill_tables(v)
+
+    def _fill_tables(self, v: CurvesView) -> None:
+        for i, t in enumerate(v.tables):
+            table = self.query_one(f"#paper-table-{i}", DataTable)
+            if not table.columns:
+                table.add_columns(*t.headers)
+            table.clear()
+            for row in t.rows:
+                table.add_row(*(Text(cell, justify="right") if j >= 3 else cell for j, cell in enumerate(row)))
 
     def _draw_epi(self, v: CurvesView) -> None:
         vars_ = self.app.theme_variables
@@ -77,16 +91,16 @@ class CurvesScreen(ConsoleScreen):
             c = colors[TARGET_SERIES[curve.target]]
             xs = [p.experts for p in curve.points]
             plt.plot(xs, [p.epi.median for p in curve.points], label=f"EPI {curve.target}", color=c, marker="hd")
-            half = [((p.epi.hi or 0.0) - (p.epi.lo or 0.0)) / 2 for p in curve.points]
+            half = [(p.epi.hi - p.epi.lo) / 2 for p in curve.points]
             if any(half):
                 plt.error(xs, [p.epi.median for p in curve.points], yerr=half, color=c)
-            acc = [p.accuracy.median * 100 if p.accuracy.median is not None else None for p in curve.points]
-            if all(a is not None for a in acc):
+            acc = [p.accuracy.median * 100 if p.accuracy is not None else None for p in curve.points]
+            if acc and all(a is not None for a in acc):
                 plt.plot(xs, acc, yside="right", color=c, marker="·")
             for depth, tag in ((curve.epi_optimal, "E"), (curve.accuracy_optimal, "A")):
                 if depth is not None:
-                    p = next(p for p in curve.points if p.experts == depth)
-                    if p.epi.median is not None:
+                    p = next((p for p in curve.points if p.experts == depth), None)
+                    if p is not None:
                         plt.text(tag, depth, p.epi.median, color=c, style="bold")
         plt.xticks(list(range(0, 9)))
         plt.title("EPI (left, lower is better, bars = spread) · accuracy % (right, ·)"

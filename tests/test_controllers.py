@@ -15,7 +15,7 @@ from tui_fixtures import FROZEN_NOW, INVALID, RUNNING_CONFIG, build_lab_ledger, 
 from epiconsole.errors import ConfigError
 from epiconsole.ledger import Campaign, Ledger, Trial, TrialResult
 from screens.controllers.commands import Commander, CommandRequest
-from screens.controllers.curves import CurvesController, pareto_front
+from screens.controllers.curves import CurvesController
 from screens.controllers.dashboard import DashboardController, resample
 from screens.controllers.log import LogController
 from screens.controllers.matrix import MatrixController, decimate, load_detail
@@ -113,34 +113,44 @@ def test_decimate_never_turns_a_gap_into_zero() -> None:
 
 def _result(cid: str, experts: int, target: str | None, rep: int, jpt: float, acc: float,
             valid: bool = True) -> TrialResult:
-    trial = Trial(id=hash((cid, rep)) % 10**6, campaign_id=1, config_id=cid, rep=rep, ord=0, experts=experts,
+    trial = Trial(id=hash((cid, rep)) % 10**6, campaign_id=1, config_id=cid, rep=rep, ord=experts, experts=experts,
                   target=target, status="done", valid=valid, reasons=(), updated_at=0.0)
     epi = {"energy": {"joules_per_token": jpt}, "accuracy": {"composite": acc}, "epi": {"value": jpt / acc}}
     return TrialResult(trial, None, epi)
 
 
-def test_curves_optimal_depths_pareto_and_table() -> None:
+def test_curves_optimal_depths_pareto_and_tables() -> None:
     rs = [_result("baseline", 0, None, r, 1.0, 0.80) for r in (1, 2, 3)]
     # Energy falls with depth; accuracy holds to depth 2 (within 1 pt) and drops after.
     for n, (jpt, acc) in enumerate([(0.95, 0.798), (0.90, 0.792), (0.80, 0.75), (0.78, 0.60)], start=1):
         rs += [_result(f"drop{n}_all", n, "all", r, jpt, acc) for r in (1, 2, 3)]
     rs.append(_result("drop4_all", 4, "all", 4, 0.1, 0.99, valid=False))  # invalid: never counted
+    rs.append(_result("drop1_late", 1, "late", 1, 1.2, 0.70))  # dominated: more energy, less accuracy
     v = CurvesController(tolerance_pts=1.0).view(rs)
     curve = next(c for c in v.curves if c.target == "all")
     assert [p.experts for p in curve.points] == [0, 1, 2, 3, 4]
     assert curve.epi_optimal == 3  # 0.80/0.75 = 1.067 is the lowest EPI
     assert curve.accuracy_optimal == 2
-    assert [p.experts for p in next(c for c in v.curves if c.target == "early").points] == [0]  # baseline only
+    assert next(c for c in v.curves if c.target == "early").points == ()  # no early configuration at all
     front = {p.config_id for p in v.pareto if p.on_front}
     assert front == {"baseline", "drop1_all", "drop2_all", "drop3_all", "drop4_all"}
-    row = next(r for r in v.table if r.config_id == "drop4_all")
-    assert row.valid == "3/4" and row.jpt == "0.780"
-    assert next(r for r in v.table if r.config_id == "baseline").delta_epi == "+0.0%"
+    assert {p.config_id for p in v.pareto if not p.on_front} == {"drop1_late"}
+    assert "EPI prunes deeper than accuracy allows" in v.summary
+    titles = [t.title for t in v.tables]
+    assert titles[0] == "All layers" and titles[-1] == "Best of"
+    all_layers = v.tables[0]
+    row = next(r for r in all_layers.rows if r[1] == "drop4_all")
+    assert row[3] == "3/4"  # the invalid repetition is counted, not used
 
 
-def test_pareto_front_drops_dominated_points() -> None:
-    pts = [("a", 1.0, 0.8), ("b", 0.9, 0.8), ("c", 0.9, 0.7), ("d", 1.2, 0.9)]
-    assert pareto_front(pts) == {"b", "d"}
+def test_matrix_and_curves_share_one_analysis_per_results_table() -> None:
+    from screens.controllers.curves import AnalysisCache
+
+    rs = [_result("baseline", 0, None, r, 1.0, 0.80) for r in (1, 2, 3)]
+    cache = AnalysisCache()
+    a = cache.get(rs)
+    assert cache.get(list(rs)) is a  # equal results: no new analysis
+    assert cache.get(rs + [_result("drop1_all", 1, "all", 1, 0.9, 0.8)]) is not a
 
 
 async def test_log_controller_reads_incrementally_and_filters(lab_ledger: Path, tmp_path: Path) -> None:

@@ -4,27 +4,23 @@ per-configuration J/token, accuracy, EPI and validity, and the detail view of on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from epiconsole.live import RunLive
 from screens.controllers import fmt
-from screens.controllers.results import (
-    DONE_STATUSES,
-    FAILED_STATUSES,
-    RUNNING_STATUSES,
-    SKIPPED_STATUSES,
-    accuracy_of,
-    epi_of,
-    jpt_of,
-    summarize,
-    task_accuracies,
-)
+from screens.controllers.curves import AnalysisCache
 from screens.controllers.source import TRACE_MARGIN_S, DataSource, LabState
 
 if TYPE_CHECKING:
     import numpy as np
 
     from epiconsole.ledger import TrialResult
+
+#: Trial statuses the engine writes, grouped by how the matrix shows them.
+DONE_STATUSES = frozenset({"done"})
+FAILED_STATUSES = frozenset({"failed", "error", "aborted"})
+SKIPPED_STATUSES = frozenset({"skipped"})
+RUNNING_STATUSES = frozenset({"running", "active", "started"})
 
 #: Short stage names for badges (a cell is narrow).
 STAGE_SHORT = {
@@ -107,10 +103,19 @@ def cell_for(r: TrialResult, run: RunLive) -> RepCell:
     return RepCell(t.id, t.rep, "pending", "·")
 
 
+def _median(s: Any) -> float | None:
+    return None if s is None else s.median
+
+
 class MatrixController:
+    """Per-configuration figures come from :mod:`epiconsole.analysis` (the export's numbers)."""
+
+    def __init__(self, cache: AnalysisCache | None = None) -> None:
+        self.cache = cache or AnalysisCache()
+
     def view(self, state: LabState) -> MatrixView:
         run = state.live.run
-        summaries = {s.config_id: s for s in summarize(state.results)}
+        summaries = {c.config_id: c for c in self.cache.get(state.results).configs} if state.results else {}
         rows: list[MatrixRow] = []
         by_config: dict[str, list[TrialResult]] = {}
         for r in state.results:
@@ -119,8 +124,9 @@ class MatrixController:
         for cid, rs in by_config.items():
             s = summaries[cid]
             reps = max(reps, len(rs))
-            if s.done:
-                validity = f"{s.valid}/{s.done} valid"
+            judged = s.valid + s.invalid
+            if judged:
+                validity = f"{s.valid}/{judged} valid"
                 ok = s.invalid == 0
             else:
                 validity, ok = "", None
@@ -129,9 +135,9 @@ class MatrixController:
                     config_id=cid,
                     label=_label(rs[0]),
                     cells=tuple(cell_for(r, run) for r in sorted(rs, key=lambda r: r.trial.rep)),
-                    jpt=fmt.num(s.jpt.median, 3),
-                    accuracy=fmt.pct(s.accuracy.median),
-                    epi=fmt.num(s.epi.median, 3),
+                    jpt=fmt.num(_median(s.jpt), 3),
+                    accuracy=fmt.pct(_median(s.accuracy)),
+                    epi=fmt.num(_median(s.epi), 3),
                     validity=validity,
                     validity_ok=ok,
                 )
@@ -225,7 +231,10 @@ async def load_detail(
     result = next((r for r in state.results if r.trial.id == trial_id), None)
     if result is None:
         return None
+    from epiconsole.analysis import repetition  # the export's reading of a stored result
+
     t = result.trial
+    rep = repetition(result)
     checkpoints = await source.checkpoints(trial_id)
     latest: dict[str, tuple[str, float]] = {}
     for c in checkpoints:
@@ -259,10 +268,10 @@ async def load_detail(
         status=t.status,
         valid=t.valid,
         reasons=t.reasons,
-        jpt=fmt.num(jpt_of(result), 3, "J/tok"),
-        accuracy=fmt.pct(accuracy_of(result)),
-        epi=fmt.num(epi_of(result), 3),
-        tasks=tuple((k, fmt.pct(v)) for k, v in sorted(task_accuracies(result).items())),
+        jpt=fmt.num(rep.jpt, 3, "J/tok"),
+        accuracy=fmt.pct(rep.accuracy),
+        epi=fmt.num(rep.epi, 3),
+        tasks=tuple((k, fmt.pct(v)) for k, v in sorted(rep.tasks)),
         stages=stages,
         traces=tuple(traces),
         window_s=window_s,
