@@ -60,8 +60,13 @@ def write_config(d: Path, rate_hz: float) -> Path:
 
 def env_for(d: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(XDG_CONFIG_HOME=str(d / "xdg-config"), XDG_DATA_HOME=str(d / "xdg-data"), TERM="xterm-256color",
-               COLUMNS=str(SIZE[0]), LINES=str(SIZE[1]))
+    env.update(
+        XDG_CONFIG_HOME=str(d / "xdg-config"),
+        XDG_DATA_HOME=str(d / "xdg-data"),
+        TERM="xterm-256color",
+        COLUMNS=str(SIZE[0]),
+        LINES=str(SIZE[1]),
+    )
     env.pop("EPICONSOLE_CONFIG", None)
     return env
 
@@ -70,8 +75,13 @@ def start_service(d: Path, cfg: Path) -> subprocess.Popen[bytes]:
     from epiconsole.commands.tui import service_alive
 
     log = open(d / "service.log", "wb")  # noqa: SIM115  (lives as long as the service)
-    proc = subprocess.Popen([sys.executable, "-m", "epiconsole", "service", "--config", str(cfg)],
-                            stdout=log, stderr=log, env=env_for(d), start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "epiconsole", "service", "--config", str(cfg)],
+        stdout=log,
+        stderr=log,
+        env=env_for(d),
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if service_alive(d / "ledger.sqlite"):
@@ -87,8 +97,11 @@ def spawn_tui(d: Path, cfg: Path) -> tuple[int, int]:
     """Fork ``epiconsole tui`` onto a new pty of SIZE; returns (pid, master fd)."""
     pid, fd = pty.fork()
     if pid == 0:
-        os.execvpe(sys.executable, [sys.executable, "-m", "epiconsole", "tui", "--attach-only", "--config", str(cfg)],
-                   env_for(d))
+        os.execvpe(
+            sys.executable,
+            [sys.executable, "-m", "epiconsole", "tui", "--attach-only", "--config", str(cfg)],
+            env_for(d),
+        )
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", SIZE[1], SIZE[0], 0, 0))
     return pid, fd
 
@@ -187,17 +200,28 @@ def main() -> int:
     service = start_service(d, cfg)
     try:
         frames = sorted(first_frame(d, cfg) for _ in range(3))
-        rep.figure("first_frame_s", round(statistics.median(frames), 3), "time to first frame (median of 3)", "s")
+        rep.figure(
+            "first_frame_s", round(statistics.median(frames), 3), "time to first frame (median of 3)", "s"
+        )
         share = cpu_share(d, cfg, args.seconds)
-        rep.figure("cpu_pct", round(100 * share, 1), f"TUI CPU, meter {args.rate:g} Hz, {args.seconds:g} s", "% of a core")
+        rep.figure(
+            "cpu_pct",
+            round(100 * share, 1),
+            f"TUI CPU, meter {args.rate:g} Hz, {args.seconds:g} s",
+            "% of a core",
+        )
         lat, tui_lat = asyncio.run(latency(d, 20.0))
         lat.sort()
         med = statistics.median(lat) if lat else float("inf")
         p95 = lat[int(0.95 * (len(lat) - 1))] if lat else float("inf")
         rep.figure("latency_median_ms", round(1000 * med, 1), "sample to screen, median", "ms")
         rep.figure("latency_p95_ms", round(1000 * p95, 1), "sample to screen, p95", "ms")
-        rep.figure("publish_to_screen_median_ms", round(1000 * statistics.median(tui_lat), 1) if tui_lat else None,
-                   "of which: service publish to screen (the TUI's part), median", "ms")
+        rep.figure(
+            "publish_to_screen_median_ms",
+            round(1000 * statistics.median(tui_lat), 1) if tui_lat else None,
+            "of which: service publish to screen (the TUI's part), median",
+            "ms",
+        )
         rep.figure("redraws", len(lat), "redraws measured")
         rep.target("first frame <= 1.5 s", statistics.median(frames) <= 1.5)
         rep.target("TUI CPU <= 15% of one core", share <= 0.15)
