@@ -9,7 +9,10 @@ from textual.containers import Horizontal
 from textual.widgets import Input, RichLog, Static
 
 from screens.base import ConsoleScreen
+from screens.widgets import show_text
 
+#: Lines the log view keeps (the controller's buffer holds more, for filtering).
+LOG_LINES = 1000
 LEVEL_STYLE = {"debug": "dim", "info": "", "warning": "node-warn", "error": "node-fault"}
 
 
@@ -25,13 +28,13 @@ class LogScreen(ConsoleScreen):
 
     def __init__(self) -> None:
         super().__init__()
-        self._shown_key: tuple[int, str, str, str] | None = None
+        self._shown_key: tuple[int, tuple[str, str, str]] | None = None
 
     def body(self) -> ComposeResult:
         with Horizontal(id="log-bar"):
             yield Static("", id="log-status", classes="line")
             yield Input(placeholder="filter text (/)", id="log-input")
-        yield RichLog(id="log-view", wrap=True, markup=False, max_lines=5000, auto_scroll=True)
+        yield RichLog(id="log-view", wrap=True, markup=False, max_lines=LOG_LINES, auto_scroll=True)
 
     def on_mount(self) -> None:
         inp = self.query_one(Input)
@@ -40,23 +43,27 @@ class LogScreen(ConsoleScreen):
 
     def render_body(self) -> None:
         ctl = self.console.log_ctl
-        key = (ctl.last_id, ctl.min_level, ctl.text, self.console.theme)
-        if key == self._shown_key:
+        filters = (ctl.min_level, ctl.text, self.console.theme)
+        if (ctl.last_id, filters) == self._shown_key:
             return
-        self._shown_key = key
         v = ctl.view()
-        self.query_one("#log-status", Static).update(
-            Text(f"level ≥ {v.min_level} · {v.shown}/{v.total} events", style="bold")
-        )
+        show_text(self.query_one("#log-status", Static),
+                  Text(f"level ≥ {v.min_level} · {v.shown}/{v.total} events", style="bold"))
         log = self.query_one(RichLog)
-        log.clear()
+        if self._shown_key is not None and self._shown_key[1] == filters:
+            # Same filters: append what is new instead of rewriting the whole log (events come in bursts).
+            new = [line for line in v.lines if line.id > self._shown_key[0]]
+        else:
+            log.clear()
+            new = list(v.lines[-LOG_LINES:])
+        self._shown_key = (ctl.last_id, filters)
         vars_ = self.app.theme_variables
-        for line in v.lines[-1000:]:
+        for line in new:
             t = Text()
             t.append(f"{line.time} ", style="dim")
             style = LEVEL_STYLE.get(line.level, "")
             t.append(f"{line.level.upper():<7} ", style=f"bold {vars_.get(style, style)}")
-            t.append(f"{line.kind:<12} ", style="bold")
+            t.append(f"{line.kind:<15} ", style="bold")
             t.append(line.message)
             log.write(t)
 

@@ -294,3 +294,33 @@ async def test_command_palette_lists_every_action(lab_ledger: Path) -> None:
         await pilot.pause()
         titles = {c.title for c in app.get_system_commands(app.screen)}
         assert "Set pi0's governor to performance" in titles and "Restart dllama on pi0" in titles
+
+
+async def test_log_filters_by_level_and_text(lab_ledger: Path) -> None:
+    from textual.widgets import Input, RichLog
+
+    app = make_app(console_options(lab_ledger))
+    async with app.run_test(size=SIZE) as pilot:
+        await _ready(app, pilot)
+        await pilot.press("l")
+        await pilot.pause()
+        log = app.screen.query_one(RichLog)
+
+        def entries() -> list[str]:  # one per event (long messages wrap onto more lines)
+            import re
+
+            return [line.text for line in log.lines if re.match(r"\d\d:\d\d:\d\d ", line.text)]
+
+        everything = len(entries())
+        await pilot.press("v")  # info -> warning
+        await pilot.pause()
+        assert 0 < len(entries()) < everything
+        assert all(" WARNING " in e or " ERROR " in e for e in entries())
+        await pilot.press("v", "v", "v")  # error -> debug -> info
+        await pilot.press("slash", *"INVALID", "enter")
+        await pilot.pause()
+        assert app.screen.query_one(Input).value == "INVALID"
+        assert len(entries()) == 1 and "INVALID" in "".join(line.text for line in log.lines)
+        await pilot.press("m")  # focus is back on the log: screen keys work again
+        await pilot.pause()
+        assert isinstance(app.screen, MatrixScreen)
