@@ -32,8 +32,6 @@ class ConsoleOptions:
     poll_hz: float = 12.0
     #: The results table changes at stage boundaries only: read it every this many polls.
     results_every: int = 5
-    #: Chart redraw rate (charts redraw only when visible and only when their data changed).
-    chart_hz: float = 2.0
     clock: Callable[[], float] = time.time
     #: Off in snapshot tests: no cursor blink, no animations.
     animate: bool = True
