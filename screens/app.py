@@ -34,6 +34,8 @@ from screens.dashboard import DashboardScreen
 from screens.options import ConsoleOptions
 from themes import BASE_TCSS, DEFAULT_THEME, builtin_themes, load_user_themes
 
+#: What the top bar says while the service this console started is coming up.
+STARTING = "starting the lab service…"
 MODE_TITLES = {"dashboard": "Dashboard", "matrix": "Matrix", "curves": "Curves", "nodes": "Nodes", "log": "Log"}
 
 
@@ -124,6 +126,7 @@ class EpiConsoleApp(App[None]):
         self.log_ctl = LogController()
         self.last_outcome: CommandOutcome | None = None
         self._posted: LabState | None = None
+        self._service_seen = False
         self._posted_at = -1e9
         self._polls = 0
 
@@ -197,15 +200,33 @@ class EpiConsoleApp(App[None]):
         while True:
             started = time.monotonic()
             try:
-                await self.refresh_data(with_results=self._polls % self.options.results_every == 0)
-                if self.problem:
-                    self.problem = ""
+                state = await self.refresh_data(with_results=self._polls % self.options.results_every == 0)
+                problem = self._service_problem(state)
             except (UserError, sqlite3.Error, OSError) as exc:
                 # A missing or locked ledger is a visible state, never a crash; keep trying.
-                self.problem = f"ledger unreadable: {exc}"[:120]
+                problem = self._service_problem(None) or f"ledger unreadable: {exc}"[:120]
+            if problem != self.problem:
+                self.problem = problem
                 self._render_visible()
             self._polls += 1
             await asyncio.sleep(max(0.02, period - (time.monotonic() - started)))
+
+    def _service_problem(self, state: LabState | None) -> str:
+        """While the service this console started comes up: say so, or say why it did not."""
+        child = self.options.service_child
+        if child is None:
+            return ""
+        failure = child.failure()
+        if failure:
+            return failure
+        if self._service_seen:
+            return ""
+        if state is not None and state.live.service.alive(self.options.clock()):
+            self._service_seen = True
+            return ""
+        if time.monotonic() - child.started > child.start_timeout_s:
+            return f"the lab service has not come up in {child.start_timeout_s:.0f} s; see {child.log_path}"
+        return STARTING
 
     def on_state_updated(self, message: StateUpdated) -> None:
         self.state = message.state

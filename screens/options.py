@@ -7,8 +7,22 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from screens.controllers.source import DataSource
+
+
+class ServiceChild(Protocol):
+    """A lab service this console started and is waiting for (see ``epiconsole.commands.tui``)."""
+
+    #: ``time.monotonic()`` when it was started, and how long it may take to publish a heartbeat.
+    started: float
+    start_timeout_s: float
+    log_path: Path
+
+    def failure(self) -> str | None:
+        """Why it stopped (one sentence), or None while it runs. Must not block."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -37,3 +51,5 @@ class ConsoleOptions:
     animate: bool = True
     #: A message shown once at start (e.g. "started the lab service, pid 1234").
     banner: str = ""
+    #: The service this console started, while the console waits for its first heartbeat.
+    service_child: ServiceChild | None = None

@@ -51,7 +51,8 @@ class TopBar(Static):
             t.append(" VIEW-ONLY ", style="bold reverse")
             t.append(" ")
         if problem:
-            t.append(f" {problem} ", style="bold reverse red")
+            # Waiting for a service that is starting is not an error; anything else is.
+            t.append(f" {problem} ", style="bold reverse" if problem.startswith("starting ") else "bold reverse red")
             t.append(" ")
         t.append(f"run: {run_state}", style="bold")
         if lab:

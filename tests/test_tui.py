@@ -324,3 +324,38 @@ async def test_log_filters_by_level_and_text(lab_ledger: Path) -> None:
         await pilot.press("m")  # focus is back on the log: screen keys work again
         await pilot.pause()
         assert isinstance(app.screen, MatrixScreen)
+
+
+async def test_console_shows_the_service_it_started_coming_up_or_failing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from epiconsole.commands.tui import ChildService
+    from screens.app import STARTING
+
+    async def problem_of(child: ChildService, expect: str) -> str:
+        app = make_app(console_options(tmp_path / "no-ledger-yet.sqlite", poll_hz=20.0, service_child=child))
+        async with app.run_test(size=SIZE) as pilot:
+            async with asyncio.timeout(10):
+                while expect not in app.problem:
+                    await pilot.pause(0.05)
+            await pilot.pause()
+            return str(app.screen.query_one(TopBar).render())
+
+    log = tmp_path / "slow.log"
+    with open(log, "wb") as f:
+        slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=f, stderr=f)
+    try:
+        shown = await problem_of(ChildService(slow, log), STARTING)
+        assert "ledger unreadable" not in shown  # a service on its way up is not an error
+    finally:
+        slow.kill()
+        slow.wait()
+
+    log = tmp_path / "bad.log"
+    with open(log, "wb") as f:
+        bad = subprocess.Popen([sys.executable, "-c", "print('meter: cannot open /dev/ttyACM0'); raise SystemExit(2)"],
+                               stdout=f, stderr=f)
+    bad.wait()
+    shown = await problem_of(ChildService(bad, log), "cannot open /dev/ttyACM0")
+    assert "the lab service exited" in shown

@@ -23,7 +23,7 @@ from epiconsole.cli import add_config_argument
 
 HELP = "the console (default): live dashboard, matrix, curves, nodes and log; attaches to a running lab service"
 
-#: How long to wait for a freshly started service's first heartbeat.
+#: How long a freshly started service may take to publish its first heartbeat before the console says so.
 SERVICE_START_TIMEOUT_S = 30.0
 ACTIVE_RUN_STATES = frozenset({"running", "pausing", "paused", "suspended", "aborting"})
 
@@ -67,12 +67,40 @@ def run_state(ledger_path: Path) -> str:
     return RunLive.from_dict(read_live(ledger_path).get("run")).state
 
 
-def start_service(config: str | None, ledger_path: Path) -> Any:
-    """Start ``epiconsole service`` detached from our terminal; wait for its first heartbeat."""
+class ChildService:
+    """A lab service this console started: the console shows "starting…" until its first heartbeat and
+    the reason if it exits (from the last line of its log); never blocks the console's event loop."""
+
+    def __init__(self, proc: Any, log_path: Path, start_timeout_s: float = SERVICE_START_TIMEOUT_S) -> None:
+        import time
+
+        self.proc = proc
+        self.log_path = log_path
+        self.start_timeout_s = start_timeout_s
+        self.started = time.monotonic()
+        self._failure: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return int(self.proc.pid)
+
+    def failure(self) -> str | None:
+        if self._failure is None and self.proc.poll() is not None:
+            try:
+                lines = self.log_path.read_text(errors="replace").strip().splitlines()
+            except OSError:
+                lines = []
+            last = lines[-1][:100] if lines else "no output"
+            self._failure = f"the lab service exited ({last}); see {self.log_path}"
+        return self._failure
+
+
+def start_service(config: str | None, ledger_path: Path) -> ChildService:
+    """Start ``epiconsole service`` detached from our terminal (its own session: Ctrl-C in the console's
+    terminal does not reach it); the console shows its progress instead of waiting here."""
     import importlib.util
     import subprocess
     import sys
-    import time
 
     from epiconsole.errors import UserError
 
@@ -87,18 +115,8 @@ def start_service(config: str | None, ledger_path: Path) -> Any:
     if config:
         cmd += ["--config", config]
     with open(log_path, "ab") as log:
-        # Own session: Ctrl-C in the console's terminal does not reach the service.
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-    deadline = time.monotonic() + SERVICE_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if service_alive(ledger_path):
-            return proc
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-            raise UserError(f"The lab service stopped while starting ({tail[0]}); see {log_path}.")
-        time.sleep(0.2)
-    proc.terminate()
-    raise UserError(f"The lab service did not come up within {SERVICE_START_TIMEOUT_S:.0f} s; see {log_path}.")
+    return ChildService(proc, log_path)
 
 
 def stop_service(proc: Any, timeout_s: float = 15.0) -> None:
@@ -116,7 +134,7 @@ def stop_service(proc: Any, timeout_s: float = 15.0) -> None:
 
 
 def build_options(cfg: Any, ledger_path: Path, *, view_only: bool, attached: bool, theme: str | None,
-                  banner: str = "") -> Any:
+                  banner: str = "", service_child: Any = None) -> Any:
     """The console's options from the lab config (shared with ``epiconsole serve``)."""
     from epiconsole.config import config_dir
     from screens.options import ConsoleOptions
@@ -139,6 +157,7 @@ def build_options(cfg: Any, ledger_path: Path, *, view_only: bool, attached: boo
         user_theme_dir=config_dir() / "themes",
         attached=attached,
         banner=banner,
+        service_child=service_child,
     )
 
 
@@ -159,18 +178,17 @@ def run(args: argparse.Namespace) -> int:
                 f"No lab service is running for {ledger_path}: start `epiconsole` or `epiconsole service` first."
             )
         proc = start_service(args.config or os.environ.get(config.ENV_VAR), ledger_path)
-        banner = f"started the lab service (pid {proc.pid})" + (" on the simulated lab" if cfg.simulated else "")
+        banner = f"starting the lab service (pid {proc.pid})" + (" on the simulated lab" if cfg.simulated else "")
     app = make_app(build_options(cfg, ledger_path, view_only=args.view_only, attached=attached or args.viewer,
-                                 theme=args.theme,
-                                 banner=banner))
+                                 theme=args.theme, banner=banner, service_child=proc))
     try:
         app.run()
     finally:
         if proc is not None:
             state = run_state(ledger_path)
-            if state in ACTIVE_RUN_STATES and proc.poll() is None:
+            if state in ACTIVE_RUN_STATES and proc.proc.poll() is None:
                 print(f"epiconsole: the run goes on in the lab service (pid {proc.pid}); "
                       "run `epiconsole` to watch it again.")
             else:
-                stop_service(proc)
+                stop_service(proc.proc)
     return int(app.return_code or 0)
