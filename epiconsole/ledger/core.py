@@ -320,9 +320,8 @@ class Ledger:
         if block.n == 0:
             return
         nch = block.channels
-        rec = block.pack()
-        size = rec.dtype.itemsize
-        raw = rec.tobytes()
+        size = tick_dtype(nch).itemsize
+        raw = block.pack_bytes()
         t = block.t
         if self._in_own_transaction():
             await self._store(self._plan(t, nch), t, raw, size, nch, own_tx=False)
