@@ -111,13 +111,12 @@ def _trapezoid(ts: np.ndarray, w: np.ndarray, t0: float, t1: float, covered: np.
     use = covered & (b > a)
     if not use.any():
         return 0.0
-    ta, tb, dt_u = ts[:-1][use], ts[1:][use], dt[use]
+    ta, dt_u = ts[:-1][use], dt[use]
     wa0, wb0 = w[:-1][use], w[1:][use]
     slope = (wb0 - wa0) / dt_u  # dt_u > 0 because b > a
     au, bu = a[use], b[use]
     wa = wa0 + slope * (au - ta)
     wb = wa0 + slope * (bu - ta)
-    del tb
     return float(np.sum((bu - au) * (wa + wb)) * 0.5)
 
 
@@ -286,34 +285,37 @@ def _weights(names: Iterable[str], weights: Mapping[str, float] | None) -> dict[
     return w
 
 
+def _all_present(values: Mapping[str, float | None]) -> dict[str, float] | None:
+    """``values`` as finite floats, or None when it is empty or any value is missing."""
+    out = {k: _num(v) for k, v in values.items()}
+    if not out or any(v is None for v in out.values()):
+        return None
+    return out  # type: ignore[return-value]
+
+
 def composite_accuracy(
     accs: Mapping[str, float | None], weights: Mapping[str, float] | None = None
 ) -> float | None:
     """Weighted mean of task accuracies (equal weights by default); None if any task is missing."""
-    if not accs:
-        return None
-    values = {k: _num(v) for k, v in accs.items()}
-    if any(v is None for v in values.values()):
+    values = _all_present(accs)
+    if values is None:
         return None
     for k, v in values.items():
-        if not 0.0 <= v <= 1.0:  # type: ignore[operator]
+        if not 0.0 <= v <= 1.0:
             raise ValueError(f"accuracy of {k} must be in [0, 1], not {v}")
     w = _weights(values, weights)
-    return sum(w[k] * values[k] for k in values) / sum(w.values())  # type: ignore[operator]
+    return sum(w[k] * values[k] for k in values) / sum(w.values())
 
 
 def composite_stderr(
     stderrs: Mapping[str, float | None], weights: Mapping[str, float] | None = None
 ) -> float | None:
     """Standard error of :func:`composite_accuracy`, tasks taken as independent."""
-    if not stderrs:
-        return None
-    values = {k: _num(v) for k, v in stderrs.items()}
-    if any(v is None for v in values.values()):
+    values = _all_present(stderrs)
+    if values is None:
         return None
     w = _weights(values, weights)
-    total = sum(w.values())
-    return math.sqrt(sum((w[k] * values[k]) ** 2 for k in values)) / total  # type: ignore[operator]
+    return math.sqrt(sum((w[k] * values[k]) ** 2 for k in values)) / sum(w.values())
 
 
 def accuracy_stderr(accuracy: float | None, n_items: int | None) -> float | None:
