@@ -11,6 +11,7 @@ import pytest
 
 from epiconsole.ledger import (
     MAX_CHUNK_SPAN_S,
+    PRUNE_MARGIN_S,
     SCHEMA_VERSION,
     Ledger,
     LedgerError,
@@ -104,6 +105,28 @@ async def test_refuses_newer_schema_and_missing_file(tmp_path):
         await Ledger.open(path)
     with pytest.raises(LedgerError, match="newer epiconsole"):
         await Ledger.open(path, readonly=True)
+
+
+async def test_a_file_that_is_not_a_ledger_is_a_one_sentence_error(tmp_path):
+    garbage = tmp_path / "notes.txt"
+    garbage.write_bytes(b"not sqlite at all " * 300)
+    for readonly in (True, False):
+        with pytest.raises(LedgerError, match="not a readable epiconsole ledger"):
+            await Ledger.open(garbage, readonly=readonly)
+    other = tmp_path / "other.sqlite"
+    db = sqlite3.connect(other)
+    db.execute("CREATE TABLE photos (id INTEGER PRIMARY KEY)")
+    db.commit()
+    db.close()
+    with pytest.raises(LedgerError, match="another program"):
+        await Ledger.open(other)
+    db = sqlite3.connect(other)
+    # Refused before anything was written: the other program's file has only its own table.
+    assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["photos"]
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    db.close()
+    with pytest.raises(LedgerError, match="is a directory"):
+        await Ledger.open(tmp_path)
 
 
 async def test_readonly_refuses_uninitialised_file_and_writes(tmp_path):
@@ -295,18 +318,38 @@ async def test_insert_inside_a_failed_transaction_leaves_no_trace(ledger):
 async def test_prune_keeps_trial_windows_and_the_open_chunk(ledger):
     cid = await ledger.create_campaign("p", {}, "d", True, {})
     [trial] = await ledger.ensure_trials(cid, [{"config_id": "baseline", "rep": 1}])
+    for k in range(200):
+        await ledger.insert_samples(block(30, start=30 * k))  # 600 s at 10 Hz
+    await ledger.mark(trial.id, "begin", T0 + 200.0)
+    await ledger.mark(trial.id, "end", T0 + 220.0)
+    deleted = await ledger.prune_samples(T0 + 550.0, keep_ranges=[(T0 + 400.0, T0 + 410.0)])
+    assert deleted > 0
+    left = await ledger.read_samples(T0 - 1, T0 + 700)
+    assert left.n == 6000 - deleted
+    for a, b in ((T0 + 200, T0 + 220), (T0 + 400, T0 + 410), (T0 + 550, T0 + 599.9)):
+        assert same(left.slice_time(a, b), block(6000).slice_time(a, b))
+    assert left.slice_time(T0, T0 + 200 - PRUNE_MARGIN_S - 5).n == 0
+    assert left.slice_time(T0 + 300, T0 + 400 - PRUNE_MARGIN_S - 5).n == 0
+    assert await ledger.integrity_check() == "ok"
+
+
+async def test_prune_keeps_the_ticks_that_cover_a_window_end(ledger, tmp_path):
+    """A window beginning exactly where a chunk begins still has the tick before it after pruning."""
+    cid = await ledger.create_campaign("p", {}, "d", True, {})
+    [trial] = await ledger.ensure_trials(cid, [{"config_id": "baseline", "rep": 1}])
     for k in range(100):
         await ledger.insert_samples(block(30, start=30 * k))  # 300 s at 10 Hz
-    await ledger.mark(trial.id, "begin", T0 + 100.0)
-    await ledger.mark(trial.id, "end", T0 + 120.0)
-    deleted = await ledger.prune_samples(T0 + 250.0, keep_ranges=[(T0 + 200.0, T0 + 210.0)])
-    assert deleted > 0
-    left = await ledger.read_samples(T0 - 1, T0 + 400)
-    assert left.n == 3000 - deleted
-    for a, b in ((T0 + 100, T0 + 120), (T0 + 200, T0 + 210), (T0 + 250, T0 + 299.9)):
-        assert same(left.slice_time(a, b), block(3000).slice_time(a, b))
-    assert left.slice_time(T0, T0 + 50).n == 0
-    assert await ledger.integrity_check() == "ok"
+    db = sqlite3.connect(tmp_path / "ledger.db")
+    begin = db.execute(
+        "SELECT t_first FROM sample_chunks WHERE t_first > ? ORDER BY id LIMIT 1", (T0 + 150.0,)
+    ).fetchone()[0]
+    db.close()
+    await ledger.mark(trial.id, "begin", begin)
+    await ledger.mark(trial.id, "end", begin + 20.0)
+    await ledger.prune_samples(T0 + 250.0)
+    # The window's start is covered: the last tick before it (0.1 s earlier) survived.
+    before = (await ledger.read_samples(begin - 0.15, begin - 0.05))
+    assert before.n == 1 and same(before, block(3000).slice_time(begin - 0.15, begin - 0.05))
 
 
 # ------------------------------------------------------------------------------------ records

@@ -74,11 +74,8 @@ async def gather(path: Path, now: float | None = None) -> dict[str, Any]:
     if not path.exists():
         out["message"] = f"No ledger at {path} yet: nothing has run; start one with `epiconsole run` or `epiconsole`."
         return out
-    try:
-        ledger = await Ledger.open(path, readonly=True)
-    except sqlite3.DatabaseError as exc:
-        raise UserError(f"{path} is not a readable epiconsole ledger ({exc}); point --config or --ledger at the right file.") from None
-    async with ledger:
+    # Ledger.open turns a file that is not a ledger into a one-sentence LedgerError.
+    async with await Ledger.open(path, readonly=True) as ledger:
         try:
             campaign = await ledger.latest_campaign()
             live = await ledger.get_live()

@@ -4,7 +4,7 @@ See :mod:`epiconsole.ledger.core` for durability and concurrency, and
 :mod:`epiconsole.ledger.samples` for the compact sample storage.
 """
 
-from epiconsole.ledger.core import BUSY_TIMEOUT_S, MAX_CHUNK_SPAN_S, Ledger, LedgerError
+from epiconsole.ledger.core import BUSY_TIMEOUT_S, MAX_CHUNK_SPAN_S, PRUNE_MARGIN_S, Ledger, LedgerError
 from epiconsole.ledger.records import (
     CHECKPOINT_STATUSES,
     EVENT_LEVELS,
@@ -31,6 +31,7 @@ __all__ = [
     "GAP_CAUSES",
     "MAX_CHUNK_SPAN_S",
     "MIGRATIONS",
+    "PRUNE_MARGIN_S",
     "SCHEMA_VERSION",
     "TICK_FIELDS",
     "Campaign",

@@ -60,6 +60,8 @@ MAX_CHUNK_SPAN_S = 60.0
 BUSY_TIMEOUT_S = 5.0
 #: Address space a read-only connection may map (long sample reads skip a copy per page).
 READER_MMAP_BYTES = 256 * 1024 * 1024
+#: Retention keeps this much beyond every trial window: the ticks that cover the window's ends.
+PRUNE_MARGIN_S = MAX_CHUNK_SPAN_S
 #: Sample commits up to this many ticks run on the event loop thread (see Ledger.insert_samples).
 FAST_MAX_TICKS = 64
 #: Those commits leave WAL checkpoints to the threaded connection, asked for this often.
@@ -142,20 +144,32 @@ class Ledger:
         and work while the writer is writing.
         """
         path = Path(path).expanduser()
-        if readonly:
-            if not path.exists():
-                raise LedgerError(f"No ledger at {path}: start a run or the lab service first.")
-            db = await aiosqlite.connect(f"file:{quote(str(path))}?mode=ro", uri=True, isolation_level=None)
-            # Viewers read long sample ranges: mapping the file spares copying every page.
-            await db.execute(f"PRAGMA mmap_size = {READER_MMAP_BYTES}")
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            db = await aiosqlite.connect(str(path), isolation_level=None)
+        if readonly and not path.exists():
+            raise LedgerError(f"No ledger at {path}: start a run or the lab service first.")
+        if path.is_dir():
+            raise LedgerError(f"{path} is a directory; give the ledger a file name inside it (e.g. {path / 'ledger.sqlite'}).")
+        try:
+            if readonly:
+                db = await aiosqlite.connect(f"file:{quote(str(path))}?mode=ro", uri=True, isolation_level=None)
+                # Viewers read long sample ranges: mapping the file spares copying every page.
+                await db.execute(f"PRAGMA mmap_size = {READER_MMAP_BYTES}")
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                db = await aiosqlite.connect(str(path), isolation_level=None)
+        except (OSError, sqlite3.DatabaseError) as exc:
+            raise LedgerError(f"Cannot open the ledger {path} ({exc}); check the path and its permissions.") from None
         ledger = cls(db, path, readonly)
         try:
             await ledger._setup()
+        except sqlite3.DatabaseError as exc:
+            # A user's mistake (the path names some other file), not ours: one sentence, no traceback.
+            await ledger.close()
+            raise LedgerError(
+                f"{path} is not a readable epiconsole ledger ({exc}); point the config's ledger path or "
+                "--ledger at the right file."
+            ) from None
         except BaseException:
-            await db.close()
+            await ledger.close()
             raise
         return ledger
 
@@ -174,6 +188,12 @@ class Ledger:
                     "start the lab service once to create or upgrade it."
                 )
         else:
+            if version == 0 and await self._scalar("SELECT count(*) FROM sqlite_master"):
+                # Version 0 with tables in it is some other program's database: never add ours to it.
+                raise LedgerError(
+                    f"{self.path} is an SQLite file of another program, not an epiconsole ledger; point the "
+                    "config's ledger path or --ledger at a new or existing ledger file."
+                )
             mode = await self._scalar("PRAGMA journal_mode = WAL")
             if str(mode).lower() != "wal":
                 raise LedgerError(
@@ -321,7 +341,16 @@ class Ledger:
         return ends
 
     async def insert_samples(self, block: SampleBlock) -> None:
-        """Commit ``block`` (atomically). Small blocks append to the open chunk in one statement."""
+        """Commit ``block`` (atomically). Small blocks append to the open chunk in one statement.
+
+        Inside the caller's own :meth:`transaction` the ticks join it. Otherwise the write lock is
+        taken first, so no other task's transaction is open while the ticks are stored. A block of
+        at most ``FAST_MAX_TICKS`` ticks is then committed on the event loop thread through the
+        second connection (a deliberate trade: a thread hop costs more than the commit). That
+        commit never waits: the connection has ``busy_timeout=0`` and no WAL checkpoints of its
+        own (no fsync), and if the file is busy anyway (a write of ours still finishing in the
+        worker thread after a cancellation) it fails at once and the block goes the threaded way.
+        """
         self._check_writable()
         if block.n == 0:
             return
@@ -550,24 +579,26 @@ class Ledger:
         """Delete chunks (except the open one) that end before ``before_t``; returns the number of ticks deleted.
 
         Chunks touching a ``keep_ranges`` interval or any trial's measurement window (from the
-        begin/end markers; an open window counts up to now) are kept whole: samples inside trial
-        windows are never pruned.
+        begin/end markers; an open window counts up to now), widened by ``PRUNE_MARGIN_S`` on both
+        sides, are kept whole: samples inside trial windows are never pruned, nor the ones just
+        outside that cover the window's ends (energy and the export's trace need them).
         """
         self._check_writable()
-        keep = [(float(a), float(b)) for a, b in keep_ranges]
-        keep += await self._marker_windows()
-        rows = await self._all(
-            "SELECT id, t_first, t_last, n FROM sample_chunks WHERE t_last < ? AND id < ?",
-            (before_t, self._tail.chunk_id if self._tail else 2**62),
-        )
-        if not rows:
-            return 0
-        arr = np.array(rows, dtype=np.float64)
-        drop = np.ones(len(rows), dtype=bool)
-        for a, b in keep:
-            drop &= ~((arr[:, 1] <= b) & (arr[:, 2] >= a))
-        ids = arr[drop, 0].astype(np.int64).tolist()
+        # Markers and chunks are read inside the transaction, so a window marked meanwhile is seen.
         async with self.transaction():
+            keep = [(float(a), float(b)) for a, b in keep_ranges]
+            keep += await self._marker_windows()
+            rows = await self._all(
+                "SELECT id, t_first, t_last, n FROM sample_chunks WHERE t_last < ? AND id < ?",
+                (before_t, self._tail.chunk_id if self._tail else 2**62),
+            )
+            if not rows:
+                return 0
+            arr = np.array(rows, dtype=np.float64)
+            drop = np.ones(len(rows), dtype=bool)
+            for a, b in keep:
+                drop &= ~((arr[:, 1] <= b + PRUNE_MARGIN_S) & (arr[:, 2] >= a - PRUNE_MARGIN_S))
+            ids = arr[drop, 0].astype(np.int64).tolist()
             await self._db.executemany("DELETE FROM sample_chunks WHERE id = ?", [(i,) for i in ids])
         return int(arr[drop, 3].sum())
 
