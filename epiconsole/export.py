@@ -201,20 +201,25 @@ class Trace:
 
     @property
     def peak_watts(self) -> float | None:
-        """Highest cluster watts (sum over nodes) of a tick inside the window."""
+        """Highest cluster watts (sum over nodes) of a tick inside the window where every node has a reading.
+
+        A tick missing a node has no cluster figure (its sum would read the missing node as 0 W).
+        """
         if not self.in_window.any():
             return None
         cols = [c for c, _ in self.channels]
-        w = self.W[self.in_window][:, cols]
-        cluster = np.where(np.isnan(w).all(axis=1), np.nan, np.nansum(w, axis=1))
-        return None if np.isnan(cluster).all() else float(np.nanmax(cluster))
+        cluster = self.W[self.in_window][:, cols].sum(axis=1)  # NaN where any node is missing
+        cluster = cluster[np.isfinite(cluster)]
+        return float(cluster.max()) if cluster.size else None
 
 
 def build_trace(block: Any, t0: float, t1: float, channels: Sequence[tuple[int, str]], scale: float) -> Trace:
     """Select the window's ticks (and the two bracketing it) from ``block`` and put them on device time."""
-    from epiconsole.engine.calculate import device_seconds
+    from epiconsole.engine.calculate import device_order, device_seconds
 
-    block = block.sorted_by_time()
+    # The board's order, as the calculate stage uses: host times from the clock fit can swap
+    # neighbouring ticks by a hair, and sorting by them would make device time step backwards.
+    block = device_order(block)
     dev = device_seconds(block, scale)
     d0 = float(np.interp(t0, block.t, dev)) if block.n else 0.0
     inside = (block.t >= t0) & (block.t <= t1)
@@ -410,7 +415,9 @@ async def _export_trial(ledger: Any, out: Path, campaign: Any, res: Any, cfg: An
         "reasons": list(trial.reasons),
         "window_start": _iso(window[0]) if window else None,
         "window_end": _iso(window[1]) if window else None,
-        "token_denominator": (provenance or {}).get("token_denominator")
+        # The denominator the stored EPI used, else the one recorded for the trial or the campaign.
+        "token_denominator": ((res.epi or {}).get("tokens") or {}).get("denominator")
+        or (provenance or {}).get("token_denominator")
         or (campaign.provenance or {}).get("token_denominator"),
         "config_digest": campaign.config_digest,
         "exported_by": f"epiconsole {epiconsole.__version__}",

@@ -277,3 +277,35 @@ def test_read_trace_round_trips(tmp_path: Path) -> None:
     tr = read_trace(p)
     assert list(tr["pi0"][0]) == [0.0, 0.5] and tr["pi0"][1][0] == 3.5 and math.isnan(tr["pi0"][1][1])
     assert list(tr["pi1"][1]) == [4.0]
+
+
+def test_peak_cluster_watts_skips_ticks_missing_a_node() -> None:
+    """A tick without one node's reading has no cluster figure: its partial sum is not a peak."""
+    from epiconsole.export import Trace
+
+    w = np.array([[10.0, 11.0], [30.0, np.nan], [10.5, 11.5], [np.nan, np.nan]])
+    other = np.full((4, 2), 1.0)
+    trace = Trace(t=np.arange(4.0), device_s=np.arange(4.0), ms=np.arange(4) * 1000, in_window=np.ones(4, bool),
+                  channels=((0, "pi0"), (1, "pi1")), W=w, V=other, A=other, PF=other, VAR=other, Hz=other, Wh=other)
+    assert trace.peak_watts == pytest.approx(22.0)
+    empty = Trace(t=np.arange(1.0), device_s=np.zeros(1), ms=np.zeros(1, int), in_window=np.ones(1, bool),
+                  channels=((0, "pi0"), (1, "pi1")), W=np.array([[3.0, np.nan]]), V=other[:1], A=other[:1],
+                  PF=other[:1], VAR=other[:1], Hz=other[:1], Wh=other[:1])
+    assert empty.peak_watts is None
+
+
+def test_trace_device_time_follows_the_board_when_host_times_swap() -> None:
+    """Host times from the clock fit may swap neighbours by a hair; device time still follows ``ms``."""
+    from epiconsole.export import build_trace
+    from epiconsole.ledger import SampleBlock
+
+    n = 40
+    i = np.arange(n)
+    t = 1_780_000_000.0 + i * 0.1
+    t[20], t[21] = t[21] + 1e-4, t[20] + 1e-4 + 0.0999  # ticks 20 and 21 arrive swapped in host time
+    W = np.full((n, 2), 5.0)
+    block = SampleBlock.from_arrays(t, seq=i, ms=i * 100, W=W, Wh=np.cumsum(W, axis=0) * 0.1 / 3600)
+    trace = build_trace(block, t[5], t[35], [(0, "pi0"), (1, "pi1")], scale=1.0)
+    expected = (trace.ms - 500) / 1000.0  # device seconds from the window start (tick 5)
+    assert np.allclose(trace.device_s, expected, atol=2e-3)
+    assert bool(np.all(np.diff(trace.device_s) > 0))
