@@ -71,7 +71,8 @@ def _depths_section(a: Analysis) -> list[str]:
         if d.epi_optimal is None:
             verdict = "no data"
         elif d.accuracy_optimal is None:
-            verdict = "no depth keeps accuracy within tolerance"
+            # The baseline is always within tolerance of itself, so this means it has no accuracy.
+            verdict = "no baseline accuracy to compare with"
         elif d.tension:
             verdict = f"EPI favours pruning {d.epi_optimal - d.accuracy_optimal} expert(s) deeper than accuracy allows"
         elif d.epi_optimal == d.accuracy_optimal:

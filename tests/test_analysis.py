@@ -176,3 +176,44 @@ def test_epi_uncertainty_combines_meter_and_accuracy() -> None:
     assert a.tables[0].title == "All configurations" and a.tables[0].rows[0][-1] == f"{expected:.1f}%"
     unknown = analyze(res)  # no meter figure: no uncertainty, never a pretended exact meter
     assert unknown.config("baseline").epi_uncertainty_pct is None
+
+
+# ------------------------------------------------------------------------------------------ edge cases
+
+
+def test_empty_campaign_has_no_figures_and_no_tables() -> None:
+    a = analyze([])
+    assert a.configs == () and a.curves == () and a.depths == () and a.pareto == () and a.tables == ()
+    assert a.baseline_id is None and a.counts["repetitions"] == 0
+
+
+def test_baseline_with_every_repetition_invalid_leaves_changes_and_accuracy_depth_missing() -> None:
+    res = [r for r in paper_like_results() if r.trial.config_id != "baseline"]
+    res += [result("baseline", k, valid=False, reasons=("throttled",)) for k in (1, 2, 3)]
+    a = analyze(res)
+    assert a.baseline_id == "baseline" and a.config("baseline").epi is None
+    assert all(c.epi_change_pct is None and c.accuracy_change_pts is None and c.decomposition is None
+               for c in a.configs)
+    all_layers = next(d for d in a.depths if d.target == "all")
+    # No baseline accuracy: no accuracy-optimal depth, but the EPI-optimal one is still found.
+    epi = {n: 1.2 * (1 - 0.012 * n) / (0.76 - 0.0015 * n**1.5) for n in range(1, 9)}  # the fixture's model
+    assert all_layers.accuracy_optimal is None and all_layers.epi_optimal == min(epi, key=epi.__getitem__)
+    assert all(p.experts > 0 for c in a.curves for p in c.points)  # no point at 0 without a baseline figure
+
+
+def test_campaign_without_a_baseline_configuration() -> None:
+    res = [r for r in paper_like_results() if r.trial.config_id != "baseline"]
+    a = analyze(res)
+    assert a.baseline_id is None
+    assert all(c.jpt_change_pct is None for c in a.configs)
+    assert {d.target for d in a.depths} == {"all", "early", "late"}
+    assert all(d.accuracy_optimal is None for d in a.depths)
+    assert len(a.pareto) >= 1
+
+
+def test_non_finite_figures_are_missing_never_numbers() -> None:
+    nan = float("nan")
+    r = repetitions([result("baseline", 1, joules=nan, acc=nan)])[0]
+    assert r.joules is None and r.jpt is None and r.accuracy is None and r.epi is None and not r.usable
+    a = analyze([result("baseline", 1, joules=nan), result("baseline", 2, joules=1000.0)])
+    assert a.config("baseline").jpt is not None and a.config("baseline").jpt.n == 1

@@ -113,3 +113,12 @@ def test_accuracy_by_task_table() -> None:
     section = md.split("### Accuracy by task (%)", 1)[1]
     assert "| Configuration | mmlu | arc_challenge | Composite |" in section
     assert "| baseline | 80.0 | 80.0 | 80.0 |" in section and "| drop1_all | 70.0 | 70.0 | 70.0 |" in section
+
+
+def test_depth_verdict_without_a_baseline_accuracy_says_so() -> None:
+    res = [r for r in paper_like_results() if r.trial.config_id != "baseline"]
+    res += [result("baseline", 1, valid=False, reasons=("throttled",))]
+    md = render(analyze(res))
+    section = md.split("## EPI-optimal vs accuracy-optimal depth")[1].split("## ")[0]
+    assert section.count("no baseline accuracy to compare with") == 3
+    assert "within tolerance |" not in section
