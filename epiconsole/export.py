@@ -135,6 +135,30 @@ def check_out_dir(out: Path, *, force: bool = False) -> None:
         raise UserError(f"{out} is not empty and not an earlier export; choose another --out or add --force.")
 
 
+def _write_marker(out: Path, campaign_id: int, files: list[str]) -> None:
+    """Mark ``out`` as an export and list the files it wrote (relative), for the next re-export."""
+    (out / MARKER).write_text(json.dumps({"campaign": campaign_id, "files": files}, indent=1) + "\n", "utf-8")
+
+
+def _remove_previous(out: Path) -> None:
+    """Delete the files an earlier export listed in its marker (nothing else), then its emptied folders."""
+    try:
+        listed = json.loads((out / MARKER).read_text("utf-8")).get("files") or []
+    except (OSError, ValueError, AttributeError):
+        return  # no marker, or one without a file list: nothing known to remove
+    root = out.resolve()
+    folders = set()
+    for rel in listed:
+        path = (out / str(rel)).resolve()
+        if root not in path.parents or not path.is_file():
+            continue  # never outside the export, never a folder
+        path.unlink()
+        folders.add(path.parent)
+    for folder in folders:
+        if folder != root and not any(folder.iterdir()):
+            folder.rmdir()
+
+
 # ------------------------------------------------------------------------------------------ seed schema
 
 
@@ -335,7 +359,10 @@ async def export_campaign(
     trials: list[TrialExport] = []
     problems: list[str] = []
     await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
-    await asyncio.to_thread((out / MARKER).write_text, f"campaign {campaign.id}\n")
+    # An earlier export's files go first: a re-export of another campaign (or of fewer repetitions)
+    # must not leave stale repetitions beside the new ones, where verify and readers would take them.
+    await asyncio.to_thread(_remove_previous, out)
+    await asyncio.to_thread(_write_marker, out, campaign.id, [])
     for res in results:
         trial = res.trial
         if trial.status in ("pending", "running") and res.epi is None and res.benchmark is None:
@@ -356,6 +383,8 @@ async def export_campaign(
     for name, text in (("summary.csv", summary), ("repetitions.csv", reps), ("report.md", md)):
         await asyncio.to_thread((out / name).write_text, text, "utf-8")
         written += 1
+    listed = [f"{t.config_id}/{name}" for t in trials for name in t.files]
+    await asyncio.to_thread(_write_marker, out, campaign.id, [*listed, "summary.csv", "repetitions.csv", "report.md"])
     return ExportResult(out=out, campaign_id=campaign.id, simulated=simulated, trials=tuple(trials),
                         files=written, problems=tuple(problems))
 

@@ -190,6 +190,23 @@ async def test_out_dir_safety_and_re_export(tmp_path: Path) -> None:
     assert (foreign / "chapter1.tex").read_text() == "precious"
 
 
+async def test_re_export_of_another_campaign_leaves_no_stale_repetitions(tmp_path: Path) -> None:
+    big = await build_campaign(tmp_path / "big.sqlite", only=["baseline", "drop1_all"], reps=2)
+    small = await build_campaign(tmp_path / "small.sqlite", only=["baseline"], reps=1)
+    out = tmp_path / "out"
+    async with await Ledger.open(big.path, readonly=True) as ledger:
+        await export_campaign(ledger, out, cfg=sim_defaults())
+    (out / "notes.txt").write_text("mine")  # the user's own file beside an export stays
+    async with await Ledger.open(small.path, readonly=True) as ledger:
+        result = await export_campaign(ledger, out, cfg=sim_defaults())
+    assert result.complete == 1
+    assert not (out / "drop1_all").exists() and not (out / "baseline" / "epi_002.json").exists()
+    assert sorted(p.name for p in (out / "baseline").iterdir()) == [
+        "benchmark_001.json", "epi_001.json", "power_trace_001.csv", "run_001.json"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert verify(out) == (1, [])
+
+
 async def test_unfinished_campaign_exports_what_exists(tmp_path: Path) -> None:
     pending = {("drop1_all", 2), ("drop1_all", 3)}
     built = await build_campaign(tmp_path / "ledger.sqlite", only=["baseline", "drop1_all"], pending=pending, finish=None)
