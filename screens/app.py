@@ -23,6 +23,7 @@ from textual.screen import Screen
 
 from epiconsole.errors import UserError
 from screens.confirm import ConfirmScreen
+from screens.controllers import fmt
 from screens.controllers.commands import Commander, CommandOutcome, CommandRequest
 from screens.controllers.curves import AnalysisCache, CurvesController
 from screens.controllers.dashboard import DashboardController
@@ -36,6 +37,8 @@ from themes import BASE_TCSS, DEFAULT_THEME, builtin_themes, load_user_themes
 
 #: What the top bar says while the service this console started is coming up.
 STARTING = "starting the lab service…"
+#: What it says when no lab service has ever written this ledger (a viewer waits for one).
+WAITING = "waiting for a lab service (start `epiconsole` or `epiconsole service`)"
 MODE_TITLES = {"dashboard": "Dashboard", "matrix": "Matrix", "curves": "Curves", "nodes": "Nodes", "log": "Log"}
 
 
@@ -120,7 +123,7 @@ class EpiConsoleApp(App[None]):
         self.problem = ""
         self.dashboard_ctl = DashboardController(options.node_order, options.temp_max_c)
         analysis = AnalysisCache(options.tolerance_pts)  # one analysis per results table, for both screens
-        self.matrix_ctl = MatrixController(analysis)
+        self.matrix_ctl = MatrixController(analysis, options.planned, options.plan_name)
         self.curves_ctl = CurvesController(options.tolerance_pts, analysis)
         self.nodes_ctl = NodesController(options.root)
         self.log_ctl = LogController()
@@ -212,21 +215,28 @@ class EpiConsoleApp(App[None]):
             await asyncio.sleep(max(0.02, period - (time.monotonic() - started)))
 
     def _service_problem(self, state: LabState | None) -> str:
-        """While the service this console started comes up: say so, or say why it did not."""
+        """What the top bar must say about the lab service: coming up, why it did not, or that it stopped
+        answering (the figures on screen are then its last, not live)."""
         child = self.options.service_child
-        if child is None:
+        if child is not None:
+            failure = child.failure()
+            if failure:
+                return failure
+            if not self._service_seen:
+                if state is not None and state.live.service.alive(self.options.clock()):
+                    self._service_seen = True
+                elif time.monotonic() - child.started > child.start_timeout_s:
+                    return f"the lab service has not come up in {child.start_timeout_s:.0f} s; see {child.log_path}"
+                else:
+                    return STARTING
+        if state is None:
             return ""
-        failure = child.failure()
-        if failure:
-            return failure
-        if self._service_seen:
-            return ""
-        if state is not None and state.live.service.alive(self.options.clock()):
-            self._service_seen = True
-            return ""
-        if time.monotonic() - child.started > child.start_timeout_s:
-            return f"the lab service has not come up in {child.start_timeout_s:.0f} s; see {child.log_path}"
-        return STARTING
+        svc = state.live.service
+        if not svc.pid:
+            return WAITING
+        if not svc.alive(self.options.clock()):
+            return f"NOT LIVE: lab service silent since {fmt.clock(svc.heartbeat)}"
+        return ""
 
     def on_state_updated(self, message: StateUpdated) -> None:
         self.state = message.state
@@ -322,7 +332,8 @@ class EpiConsoleApp(App[None]):
     @property
     def simulated(self) -> bool:
         live = self.state.live
-        return live.service.simulated or bool(self.state.campaign and self.state.campaign.simulated)
+        return (self.options.simulated or live.service.simulated
+                or bool(self.state.campaign and self.state.campaign.simulated))
 
 
 def make_app(options: ConsoleOptions) -> EpiConsoleApp:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, cast
 
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer
 
@@ -18,6 +19,12 @@ class ConsoleScreen(Screen[None]):
     """A top-level mode. Subclasses implement :meth:`body` and :meth:`render_body`."""
 
     SCREEN_TITLE = ""
+    #: Help and Quit again at screen level (same ids as the app's, so a remap applies to both): the
+    #: footer lists screen bindings first, so on an 80-column terminal these two are never cut off.
+    BINDINGS = [
+        Binding("question_mark", "app.help", "Help", id="help", key_display="?", tooltip="this help"),
+        Binding("q", "app.quit", "Quit", id="quit", tooltip="quit this console (a running matrix goes on)"),
+    ]
     #: Set once mounted: a state that arrives while the screen is still composing waits for on_mount.
     ready = False
 
@@ -28,7 +35,7 @@ class ConsoleScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield TopBar()
         yield from self.body()
-        yield Footer()
+        yield Footer(compact=True)
 
     def body(self) -> ComposeResult:
         raise NotImplementedError

@@ -102,6 +102,8 @@ class CurvesScreen(ConsoleScreen):
                     p = next((p for p in curve.points if p.experts == depth), None)
                     if p is not None:
                         plt.text(tag, depth, p.epi.median, color=c, style="bold")
+        if any_data:
+            plt.ylim(0, 100, yside="right")  # accuracy is a percentage: never an axis past 100 %
         plt.xticks(list(range(0, 9)))
         plt.title("EPI (left, lower is better, bars = spread) · accuracy % (right, ·)"
                   if any_data else "EPI vs experts dropped: waiting for valid results")

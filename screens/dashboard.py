@@ -10,6 +10,7 @@ from textual.widgets import Digits, ProgressBar, Static
 
 from screens.base import ConsoleScreen
 from screens.controllers.dashboard import DashboardView
+from screens.controllers.fmt import MISSING
 from screens.widgets import NodeTile, show_digits, show_text
 
 
@@ -50,7 +51,7 @@ class DashboardScreen(ConsoleScreen):
         tiles = list(self.query(NodeTile))
         for tile, tv in zip(tiles, v.tiles, strict=False):
             tile.display = True
-            tile.show(tv)
+            tile.show(tv, v.stale)
         for tile in tiles[len(v.tiles):]:
             tile.display = bool(not v.tiles)  # before the first reading, keep empty tiles as placeholders
         show_digits(self.query_one("#cluster-w", Digits), v.cluster_w)
@@ -59,8 +60,9 @@ class DashboardScreen(ConsoleScreen):
         energy.append("window ", style="dim")
         energy.append(v.window_j, style="bold")
         energy.append("\n")
-        energy.append(v.live_jpt, style="bold")
-        energy.append(f"  {v.window_tokens}", style="dim")
+        energy.append("live ", style="dim")
+        energy.append(v.live_jpt if v.live_jpt != MISSING else "— J/tok", style="bold")
+        energy.append(f"  {v.window_tokens if v.window_tokens != MISSING else '— tok'}", style="dim")
         show_text(self.query_one("#energy", Static), energy)
         run = Text()
         run.append(v.run_state.upper(), style="bold reverse" if v.run_state not in ("idle", "finished") else "bold")

@@ -4,6 +4,8 @@ view of one repetition."""
 
 from __future__ import annotations
 
+import sqlite3
+
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -12,6 +14,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, ProgressBar, Static
 from textual_plotext import PlotextPlot
 
+from epiconsole.errors import UserError
 from screens.base import ConsoleScreen
 from screens.controllers.commands import CommandRequest
 from screens.controllers.matrix import DetailView, MatrixView, load_detail
@@ -155,9 +158,12 @@ class MatrixScreen(ConsoleScreen):
         ]
 
     def action_detail(self) -> None:
-        _, trial_id = self._selected()
+        config_id, trial_id = self._selected()
         if trial_id is not None:
             self.app.push_screen(MatrixDetailScreen(trial_id))
+        elif config_id is not None:
+            self.notify(f"{config_id} has not run yet: start the matrix (s) to create its repetitions.",
+                        severity="warning", timeout=4)
 
     def on_data_table_cell_selected(self, event: DataTable.CellSelected) -> None:
         self.action_detail()
@@ -181,7 +187,7 @@ class MatrixDetailScreen(Screen[None]):
             yield PlotextPlot(id="detail-trace")
             with VerticalScroll(id="detail-side", classes="panel"):
                 yield Static("loading…", id="detail-text")
-        yield Footer()
+        yield Footer(compact=True)
 
     async def on_mount(self) -> None:
         from typing import cast
@@ -194,8 +200,13 @@ class MatrixDetailScreen(Screen[None]):
             "Matrix › detail", app.state.live.service.lab_name, app.simulated, not app.options.allow_control,
             app.state.live.run.state, app.problem, app.theme_variables.get("badge-sim", "orange"),
         )
-        source = await app.open_source()
-        self.detail = await load_detail(source, app.state, self.trial_id, dict(app.options.channels))
+        try:
+            source = await app.open_source()
+            self.detail = await load_detail(source, app.state, self.trial_id, dict(app.options.channels))
+        except (UserError, sqlite3.Error, OSError) as exc:
+            # A ledger that went away (or is locked) is a visible state here, never a crash.
+            self.query_one("#detail-text", Static).update(f"Could not read this repetition: {exc}")
+            return
         self._draw()
 
     def _draw(self) -> None:
@@ -203,7 +214,8 @@ class MatrixDetailScreen(Screen[None]):
         d = self.detail
         text = Text()
         if d is None:
-            self.query_one("#detail-text", Static).update("This repetition is not in the ledger.")
+            self.query_one("#detail-text", Static).update(
+                "This repetition is not in the results yet; go back (Esc) and open it again in a moment.")
             return
         vars_ = self.app.theme_variables
         text.append(f"{d.config_id} · repetition {d.rep}\n", style="bold")

@@ -58,7 +58,8 @@ class NodesScreen(ConsoleScreen):
         v = app.nodes_ctl.view(app.state.live, app.options.node_order)
         vars_ = app.theme_variables
         api = Text("root API ", style="dim")
-        api.append(v.api, style="bold" if v.api_ok else f"bold {vars_.get('node-fault', '')}")
+        # Only a known failure is red: "unknown" and "busy" are not alarms.
+        api.append(v.api, style=f"bold {vars_.get('node-fault', '')}" if v.api_ok is False else "bold")
         self.query_one("#api-line", Static).update(api)
         table = self.query_one(DataTable)
         narrow = self.size.width < 110

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from screens.controllers.matrix import PlannedConfig
 from screens.controllers.source import DataSource
 
 
@@ -53,3 +54,8 @@ class ConsoleOptions:
     banner: str = ""
     #: The service this console started, while the console waits for its first heartbeat.
     service_child: ServiceChild | None = None
+    #: The lab config's plan: the Matrix lists it as pending rows before the first campaign.
+    planned: tuple[PlannedConfig, ...] = ()
+    plan_name: str = ""
+    #: The lab config is the simulated lab: the SIMULATED badge shows even before the service answers.
+    simulated: bool = False

@@ -5,7 +5,8 @@ from __future__ import annotations
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import Digits, Sparkline, Static
+from textual.widget import Widget
+from textual.widgets import Digits, Static
 
 from screens.controllers.dashboard import NodeTileView
 from screens.controllers.fmt import MISSING
@@ -52,12 +53,66 @@ class TopBar(Static):
             t.append(" ")
         if problem:
             # Waiting for a service that is starting is not an error; anything else is.
-            t.append(f" {problem} ", style="bold reverse" if problem.startswith("starting ") else "bold reverse red")
+            calm = problem.startswith(("starting ", "waiting "))
+            t.append(f" {problem} ", style="bold reverse" if calm else "bold reverse red")
             t.append(" ")
         t.append(f"run: {run_state}", style="bold")
         if lab:
             t.append(f" · {lab}")
         show_text(self, t)
+
+
+#: Eighth blocks, empty to full: a column's height in eighths of a row.
+BLOCKS = " ▁▂▃▄▅▆▇█"
+
+
+def spark_rows(data: tuple[float | None, ...], ceiling: float, width: int, height: int) -> list[str]:
+    """Rows (top first) of a bar sparkline scaled from 0 W to ``ceiling``, ``width`` columns wide.
+
+    Each column shows the highest bin that falls into it (a short inference burst stays visible when
+    the sparkline is narrower than its data); columns with no data yet are blank, never zero-height
+    bars, so "no sample" and "0 W" look different.
+    """
+    if width <= 0 or height <= 0:
+        return []
+    n = len(data)
+    ceiling = ceiling if ceiling > 0 else 1.0
+    eighths: list[int | None] = []
+    for c in range(width):
+        lo = c * n // width
+        vals = [w for w in data[lo:max(lo + 1, (c + 1) * n // width)] if w is not None]
+        # A reading rounds to at least one eighth: 0 W (a bar's foot) still differs from "no sample".
+        eighths.append(max(1, round(max(0.0, max(vals)) / ceiling * height * 8)) if vals else None)
+    rows = []
+    for r in range(height - 1, -1, -1):  # r = rows of blocks below this one
+        line = []
+        for e in eighths:
+            line.append(" " if e is None else BLOCKS[max(0, min(8, e - 8 * r))])
+        rows.append("".join(line))
+    return rows
+
+
+class PowerSpark(Widget):
+    """A node's recent watts as bars on a fixed 0 W-based scale (idle and load read apart at a glance;
+    an autoscaled sparkline would blow a 0.3 W wobble up into a cliff)."""
+
+    DEFAULT_CSS = """
+    PowerSpark { height: 1fr; min-height: 1; max-height: 20; }
+    """
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.data: tuple[float | None, ...] = ()
+        self.ceiling = 12.0
+
+    def set_data(self, data: tuple[float | None, ...], ceiling: float) -> None:
+        if (data, ceiling) != (self.data, self.ceiling):
+            self.data, self.ceiling = data, ceiling
+            self.refresh()
+
+    def render(self) -> Text:
+        rows = spark_rows(self.data, self.ceiling, self.size.width, self.size.height)
+        return Text("\n".join(rows), no_wrap=True, overflow="crop")
 
 
 class NodeTile(Vertical):
@@ -72,7 +127,7 @@ class NodeTile(Vertical):
     NodeTile Digits { width: auto; }
     NodeTile .unit { width: auto; padding: 1 0 0 1; text-style: bold; }
     NodeTile .line { height: 1; text-wrap: nowrap; text-overflow: ellipsis; }
-    NodeTile Sparkline { height: 1fr; min-height: 1; max-height: 10; margin-top: 1; }
+    NodeTile PowerSpark { margin-top: 1; }
     NodeTile .spark-caption { height: 1; color: $foreground 60%; }
     """
 
@@ -96,16 +151,19 @@ class NodeTile(Vertical):
         yield Static("", classes="line health")
         yield Static("", classes="line gov")
         yield Static("", classes="line throttle")
-        yield Sparkline([], summary_function=max)
+        yield PowerSpark()
         yield Static("", classes="spark-caption")
 
-    def show(self, v: NodeTileView) -> None:
+    def show(self, v: NodeTileView, stale: str = "") -> None:
+        """Show ``v``; ``stale`` (why the figures are not live) goes on the border, the figures are dashes."""
         import time
 
         title = f"{v.name} · {v.role}"
         if self.border_title != title:
             self.border_title = title
         subtitle = v.health.upper() if v.health != "ok" else ""
+        if stale:
+            subtitle = f"{subtitle} · NOT LIVE" if subtitle else "NOT LIVE"
         if self.border_subtitle != subtitle:
             self.border_subtitle = subtitle
         for h in ("warn", "fault", "unknown"):
@@ -120,12 +178,12 @@ class NodeTile(Vertical):
         show_text(throttle, v.throttle)
         throttle.set_class(v.throttle.startswith(("THROTTLED", "unreachable")), "bad")
         now = time.monotonic()
-        spark = self.query_one(Sparkline)
+        spark = self.query_one(PowerSpark)
         if spark.data and now - self._spark_at < self.SPARK_INTERVAL_S:
             return
         self._spark_at = now
-        data = list(v.spark)
-        if spark.data != data:
-            spark.data = data
-        caption = f"last 3 min  {min(data):.1f}–{max(data):.1f} W" if data else "no recent samples"
+        spark.set_data(v.spark, v.spark_ceiling)
+        seen = [w for w in v.spark if w is not None]
+        caption = (f"3 min · 0–{v.spark_ceiling:.0f} W scale · {min(seen):.1f}–{max(seen):.1f} W" if seen
+                   else "no recent samples")
         show_text(self.query_one(".spark-caption", Static), caption)

@@ -271,3 +271,85 @@ async def test_dashboard_view_of_faults(lab_ledger: Path, tmp_path: Path) -> Non
     assert not v.meter_ok and v.meter.startswith("DISCONNECTED")
     assert v.ambient_ok is False and v.suspender == "node pi1 unreachable"
     assert v.stage_progress is None
+
+
+def test_resample_leaves_bins_before_the_first_sample_empty() -> None:
+    # A console that just started has 30 s of history: it sits at the right of a 3-minute axis.
+    now = 100.0
+    out = resample(tuple((now - 30 + i, 3.3) for i in range(30)), now, points=6, span_s=180.0)
+    assert out[:5] == (None,) * 5 and out[5] == pytest.approx(3.3)
+
+
+def test_sparkline_scale_is_fixed_from_zero_so_idle_and_load_read_apart() -> None:
+    from screens.controllers.dashboard import SPARK_CEILING_W, spark_ceiling
+    from screens.widgets import spark_rows
+
+    idle = spark_rows((3.2, 3.5, 3.2, 3.5), spark_ceiling((3.2, 3.5)), 4, 4)
+    load = spark_rows((11.0, 11.0), spark_ceiling((11.0,)), 2, 4)
+    # An idle wobble of 0.3 W stays in the bottom row (about a quarter high), not a cliff to the top.
+    assert all(row.strip() == "" for row in idle[:2]) and idle[3] == "████" and set(idle[2]) <= {"▁", "▂"}
+    assert all(row == "██" for row in load[1:]) and load[0].strip()  # inference near the ceiling: nearly full
+    assert spark_ceiling((3.0, 15.0)) == 15.0 and spark_ceiling(()) == SPARK_CEILING_W
+    # No sample is blank; 0 W is a bar's foot (different from "no data").
+    assert spark_rows((None, 0.0), 12.0, 2, 1) == [" ▁"]
+
+
+async def test_stale_figures_are_not_shown_as_live(lab_ledger: Path) -> None:
+    src, state = await _state(lab_ledger)
+    await src.close()
+    ctl = DashboardController(("pi0", "pi1", "pi2", "pi3"))
+    live_v = ctl.view(state, FROZEN_NOW)
+    assert live_v.stale == "" and live_v.tiles[0].watts != "—"
+    late = ctl.view(state, FROZEN_NOW + 60)  # the service stopped publishing a minute ago
+    assert late.stale == "lab service not answering"
+    assert all(t.watts == "—" and t.volts == "—" for t in late.tiles) and late.cluster_w == "—"
+
+
+def test_matrix_lists_the_plan_before_the_first_campaign() -> None:
+    from epiconsole.live import RunLive
+    from epiconsole.matrix import pruning_plan
+    from screens.controllers.matrix import planned_configs
+    from screens.controllers.source import LabState
+
+    ctl = MatrixController(planned=planned_configs(pruning_plan()), plan_name="pruning")
+    v = ctl.view(LabState())
+    assert len(v.rows) == 25 and v.reps == 3 and v.planned_only
+    assert v.rows[0].config_id == "baseline" and v.rows[1].label == "−1 all"
+    assert all(c.kind == "pending" and c.trial_id is None for r in v.rows for c in r.cells)
+    assert v.progress_text == "0/75 repetitions" and v.plan_name == "pruning"
+    assert "press s" in v.current
+    # Started, before the first configuration: not "idle".
+    starting = ctl.view(LabState(live=replace_run(RunLive(state="running"))))
+    assert "preparing" in starting.current
+
+
+def replace_run(run):  # type: ignore[no-untyped-def]
+    from epiconsole.live import LiveSnapshot
+
+    return LiveSnapshot(run=run)
+
+
+def test_api_probe_timing_out_during_a_benchmark_is_busy_not_down() -> None:
+    from epiconsole.live import LiveSnapshot, NodesLive, RunLive
+
+    ctl = NodesController("pi0")
+    busy = LiveSnapshot(nodes=NodesLive(api_ok=False), run=RunLive(state="running", stage="benchmark"))
+    v = ctl.view(busy)
+    assert v.api_ok is None and v.api.startswith("busy")
+    down = LiveSnapshot(nodes=NodesLive(api_ok=False), run=RunLive(state="running", stage="deploy"))
+    assert ctl.view(down).api_ok is False and ctl.view(down).api == "NOT answering"
+
+
+def test_benchmark_badge_never_clipped() -> None:
+    from epiconsole.live import RunLive
+    from screens.controllers.matrix import BADGE_WIDTH, cell_for
+
+    t = Trial(id=1, campaign_id=1, config_id="c", rep=1, ord=0, experts=0, target=None, status="running",
+              valid=None, reasons=(), updated_at=0.0)
+    r = TrialResult(trial=t, benchmark=None, epi=None)
+    for p in (0.0, 0.42, 1.0):
+        cell = cell_for(r, RunLive(state="running", config_id="c", repetition=1, stage="benchmark",
+                                   stage_progress=p))
+        assert len(cell.badge) <= BADGE_WIDTH
+    paused = cell_for(r, RunLive(state="paused", config_id="c", repetition=1, stage="benchmark", stage_progress=0.5))
+    assert paused.badge == "‖ BENCH"

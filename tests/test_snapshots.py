@@ -74,3 +74,21 @@ def test_dashboard_in_trouble(snap_compare, lab_ledger: Path, tmp_path: Path) ->
     asyncio.run(write_fault_live(path))
     app = make_app(console_options(path))
     assert snap_compare(app, terminal_size=(128, 37), run_before=_before("d"))
+
+
+def test_matrix_before_first_campaign(snap_compare, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A fresh lab at 80x24: the plan's configurations as pending rows, so `s` is no leap in the dark."""
+    import asyncio
+
+    from epiconsole.ledger import Ledger
+    from epiconsole.matrix import pruning_plan
+    from screens.controllers.matrix import planned_configs
+
+    async def empty() -> None:
+        async with await Ledger.open(tmp_path / "fresh.sqlite"):
+            pass
+
+    asyncio.run(empty())
+    app = make_app(console_options(tmp_path / "fresh.sqlite", planned=planned_configs(pruning_plan()),
+                                   plan_name="pruning", simulated=True))
+    assert snap_compare(app, terminal_size=SIZES["small"], run_before=_before("m"))

@@ -181,3 +181,40 @@ async def test_log_filters_by_level_and_text(lab_ledger: Path) -> None:
         assert isinstance(app.screen, MatrixScreen)
 
 
+
+
+async def test_matrix_lists_the_plan_before_the_first_campaign(tmp_path: Path) -> None:
+    """A fresh lab: the Matrix shows what `s` will start; Enter on a pending repetition says why nothing opens."""
+    from epiconsole.matrix import pruning_plan
+    from screens.controllers.matrix import planned_configs
+
+    path = tmp_path / "fresh.sqlite"
+    async with await Ledger.open(path):
+        pass
+    app = make_app(console_options(path, planned=planned_configs(pruning_plan()), plan_name="pruning"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _ready(app, pilot)
+        await pilot.press("m")
+        await pilot.pause()
+        from textual.widgets import DataTable
+
+        table = app.screen.query_one(DataTable)
+        assert table.row_count == 25
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, MatrixScreen)  # no detail for a repetition that does not exist
+        assert any("has not run yet" in str(n.message) for n in app._notifications)
+
+
+async def test_a_silent_service_is_shown_as_not_live(lab_ledger: Path) -> None:
+    """A viewer whose service stopped publishing says so, and the tiles show dashes, not frozen watts."""
+    from tui_fixtures import FROZEN_NOW
+
+    app = make_app(console_options(lab_ledger, clock=lambda: FROZEN_NOW + 60, poll_hz=20.0))
+    async with app.run_test(size=SIZE) as pilot:
+        async with asyncio.timeout(5):
+            while not app.problem:
+                await pilot.pause(0.05)
+        assert app.problem.startswith("NOT LIVE")
+        await pilot.pause()
+        assert app.screen.query_one("#tile-0 .watts", Digits).value == "--.-"

@@ -137,6 +137,9 @@ def build_options(cfg: Any, ledger_path: Path, *, view_only: bool, attached: boo
                   banner: str = "", service_child: Any = None) -> Any:
     """The console's options from the lab config (shared with ``epiconsole serve``)."""
     from epiconsole.config import config_dir
+    from epiconsole.errors import UserError
+    from epiconsole.matrix import plan_for
+    from screens.controllers.matrix import planned_configs
     from screens.options import ConsoleOptions
 
     def source() -> Any:
@@ -144,8 +147,17 @@ def build_options(cfg: Any, ledger_path: Path, *, view_only: bool, attached: boo
 
         return LedgerSource(ledger_path)
 
+    try:
+        plan = plan_for(cfg)
+        planned, plan_name = planned_configs(plan), plan.name
+    except (UserError, OSError):
+        # A broken plan file is the service's error to report (it cannot start); the console still opens.
+        planned, plan_name = (), ""
     return ConsoleOptions(
         source_factory=source,
+        planned=planned,
+        plan_name=plan_name,
+        simulated=bool(cfg.simulated),
         node_order=tuple(cfg.cluster.nodes),
         root=cfg.cluster.root,
         channels=dict(cfg.meter.channels),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from epiconsole.live import LiveSnapshot, NodeLive, RunLive
 from screens.controllers import fmt
@@ -12,6 +12,12 @@ from screens.controllers.source import LabState
 SPARK_POINTS = 60
 #: How much history the sparkline covers.
 SPARK_SPAN_S = 180.0
+#: The sparkline's scale runs from 0 W to at least this: a Pi 5 idles near 3 W and serves inference
+#: near 11 W, so on a fixed scale idle and load read apart at a glance and a 0.3 W wobble stays small.
+SPARK_CEILING_W = 12.0
+#: Live electrical figures older than this (or with the meter disconnected) are shown as missing:
+#: a frozen number must never pass for a live one.
+STALE_AFTER_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,10 @@ class NodeTileView:
     throttle: str
     #: ok | warn | fault | unknown: the tile's border colour.
     health: str
-    spark: tuple[float, ...]
+    #: Mean watts per time bin over the last :data:`SPARK_SPAN_S` (None: no sample in that bin yet).
+    spark: tuple[float | None, ...]
+    #: Top of the sparkline's 0 W-based scale: ``max(SPARK_CEILING_W, data max)``.
+    spark_ceiling: float = SPARK_CEILING_W
 
 
 @dataclass(frozen=True)
@@ -57,13 +66,18 @@ class DashboardView:
     ambient_ok: bool | None
     meter: str
     meter_ok: bool
+    #: Why the electrical figures are not live ("" when they are): they show as missing then.
+    stale: str = ""
 
 
 def resample(recent: tuple[tuple[float, float], ...], now: float, points: int = SPARK_POINTS,
-             span_s: float = SPARK_SPAN_S) -> tuple[float, ...]:
-    """Mean watts per time bin over the last ``span_s`` seconds; empty bins repeat the previous value.
+             span_s: float = SPARK_SPAN_S) -> tuple[float | None, ...]:
+    """Mean watts per time bin over the last ``span_s`` seconds, always ``points`` bins (or none at all).
 
-    Binning by time (not by sample count) keeps the sparkline's x axis honest when the rate changes.
+    Binning by time (not by sample count) keeps the sparkline's x axis honest: bins before the first
+    sample stay None (a console that just started shows a short trace at the right, not one stretched
+    over three minutes); empty bins after it repeat the previous value (the service publishes recent
+    watts at a lower rate than the bins).
     """
     if not recent:
         return ()
@@ -77,14 +91,32 @@ def resample(recent: tuple[tuple[float, float], ...], now: float, points: int = 
         i = min(points - 1, int((t - t0) / width))
         sums[i] += w
         counts[i] += 1
-    out: list[float] = []
+    if not any(counts):
+        return ()
+    out: list[float | None] = []
     last: float | None = None
     for s, c in zip(sums, counts, strict=True):
         if c:
             last = s / c
-        if last is not None:
-            out.append(last)
+        out.append(last)
     return tuple(out)
+
+
+def spark_ceiling(spark: tuple[float | None, ...]) -> float:
+    """The sparkline's scale top: the fixed ceiling, raised only when the data goes above it."""
+    return max([SPARK_CEILING_W, *(w for w in spark if w is not None)])
+
+
+def staleness(live: LiveSnapshot, now: float) -> str:
+    """Why the electrical figures are not live, or "" when they are."""
+    if live.service.pid and not live.service.alive(now):
+        return "lab service not answering"
+    m = live.meter
+    if not m.connected:
+        return "meter disconnected"
+    if m.last_sample and now - m.last_sample > STALE_AFTER_S:
+        return f"no reading for {fmt.duration(now - m.last_sample)}"
+    return ""
 
 
 def node_health(n: NodeLive, temp_max: float) -> str:
@@ -97,7 +129,10 @@ def node_health(n: NodeLive, temp_max: float) -> str:
     return "ok"
 
 
-def tile(n: NodeLive, series: int, now: float, temp_max: float) -> NodeTileView:
+def tile(n: NodeLive, series: int, now: float, temp_max: float, stale: str = "") -> NodeTileView:
+    """One node's tile; with ``stale`` set the electrical figures show as missing (never frozen)."""
+    if stale:
+        n = replace(n, W=None, W_mean_10s=None, V=None, A=None, PF=None)
     if n.ssh_ok is False:
         throttle = f"unreachable: {n.ssh_error}" if n.ssh_error else "unreachable"
     elif n.throttled_now:
@@ -121,17 +156,19 @@ def tile(n: NodeLive, series: int, now: float, temp_max: float) -> NodeTileView:
         governor=n.governor or fmt.MISSING,
         throttle=throttle,
         health=node_health(n, temp_max),
-        spark=resample(n.recent, now),
+        spark=(spark := resample(n.recent, now)),
+        spark_ceiling=spark_ceiling(spark),
     )
 
 
 def meter_line(live: LiveSnapshot) -> tuple[str, bool]:
     m = live.meter
+    rate = f"{m.rate_hz:.0f} Hz" if m.rate_hz >= 10 else f"{m.rate_hz:.1f} Hz"  # the sim runs slow
     if not m.connected:
         # The port last: on a narrow screen it is what gets cut, not the state.
         return "DISCONNECTED · reconnects " + str(m.reconnects) + (f" · {m.port}" if m.port else ""), False
     parts = [
-        f"{m.rate_hz:.0f} Hz",
+        rate,
         f"lost {m.lost_lines}",
         f"bad {m.bad_lines}",
         f"reconnects {m.reconnects}",
@@ -161,9 +198,10 @@ class DashboardController:
         live = state.live
         nodes = live.nodes.nodes
         order = [n for n in self.node_order if n in nodes] + sorted(n for n in nodes if n not in self.node_order)
-        tiles = tuple(tile(nodes[name], i, now, self.temp_max_c) for i, name in enumerate(order))
+        stale = staleness(live, now)
+        tiles = tuple(tile(nodes[name], i, now, self.temp_max_c, stale) for i, name in enumerate(order))
         run = live.run
-        cluster = live.nodes.cluster_W
+        cluster = None if stale else live.nodes.cluster_W
         if cluster is None and tiles and all(t.watts_value is not None for t in tiles):
             cluster = sum(t.watts_value or 0.0 for t in tiles)
         run_line = f"{run.config_id} · rep {run.repetition}" if run.config_id else "no configuration running"
@@ -200,4 +238,5 @@ class DashboardController:
             ambient_ok=amb.in_band,
             meter=meter,
             meter_ok=meter_ok,
+            stale=stale,
         )

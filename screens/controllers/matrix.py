@@ -33,14 +33,36 @@ STAGE_SHORT = {
     "calculate": "CALC",
     "log": "LOG",
 }
+#: The widest badge that fits a repetition cell at 80 columns.
+BADGE_WIDTH = 9
 ACTIVE_RUN_STATES = frozenset({"running", "pausing", "paused", "suspended", "aborting"})
 #: Points of the detail view's power trace (the trace is decimated by bin means to this many).
 TRACE_POINTS = 400
 
 
 @dataclass(frozen=True)
+class PlannedConfig:
+    """A configuration of the lab config's plan, shown as pending rows before the first campaign."""
+
+    config_id: str
+    label: str
+    repetitions: int
+
+
+def planned_configs(plan: Any) -> tuple[PlannedConfig, ...]:
+    """The rows a :class:`epiconsole.matrix.Plan` will run, in run order."""
+    out = []
+    for c in plan.configurations:
+        label = "baseline" if c.id == "baseline" else (f"−{c.experts} {c.target or ''}".strip() if c.experts
+                                                       else c.id)
+        out.append(PlannedConfig(c.id, label, plan.repetitions))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class RepCell:
-    trial_id: int
+    #: None for a repetition of the plan that no campaign has created yet.
+    trial_id: int | None
     rep: int
     #: done | invalid | failed | skipped | running | pending: the badge's colour class.
     kind: str
@@ -70,6 +92,8 @@ class MatrixView:
     current: str
     rows: tuple[MatrixRow, ...]
     reps: int
+    #: True while the rows come from the lab config's plan (no campaign has created trials yet).
+    planned_only: bool = False
 
 
 def _label(r: TrialResult) -> str:
@@ -85,10 +109,11 @@ def cell_for(r: TrialResult, run: RunLive) -> RepCell:
     status = t.status
     if active:
         short = STAGE_SHORT.get(run.stage, run.stage.upper()[:6] or "RUN")
-        if run.stage_progress is not None and run.stage == "benchmark":
-            short = f"{short} {run.stage_progress * 100:.0f}%"
         if run.state in ("paused", "suspended", "pausing"):
             short = f"‖ {short}"
+        elif run.stage_progress is not None and run.stage == "benchmark":
+            with_pct = f"{short} {run.stage_progress * 100:.0f}%"
+            short = with_pct if len(with_pct) <= BADGE_WIDTH else short  # a clipped "BENCH 10" misleads
         return RepCell(t.id, t.rep, "running", short)
     if status in DONE_STATUSES or r.epi is not None:
         if t.valid is False:
@@ -110,8 +135,12 @@ def _median(s: Any) -> float | None:
 class MatrixController:
     """Per-configuration figures come from :mod:`epiconsole.analysis` (the export's numbers)."""
 
-    def __init__(self, cache: AnalysisCache | None = None) -> None:
+    def __init__(self, cache: AnalysisCache | None = None, planned: tuple[PlannedConfig, ...] = (),
+                 plan_name: str = "") -> None:
         self.cache = cache or AnalysisCache()
+        self.plan_name = plan_name
+        #: The lab config's plan: shown as pending rows until a campaign has trials.
+        self.planned = planned
 
     def view(self, state: LabState) -> MatrixView:
         run = state.live.run
@@ -142,6 +171,12 @@ class MatrixController:
                     validity_ok=ok,
                 )
             )
+        if not rows:
+            for p in self.planned:
+                rows.append(MatrixRow(p.config_id, p.label, tuple(RepCell(None, r, "pending", "·")
+                                                                 for r in range(1, p.repetitions + 1)),
+                                      fmt.MISSING, fmt.MISSING, fmt.MISSING, "", None))
+                reps = max(reps, p.repetitions)
         total = len(state.results)
         finished = sum(
             1 for r in state.results
@@ -153,16 +188,24 @@ class MatrixController:
         camp = state.campaign
         if run.config_id and run.state in ACTIVE_RUN_STATES:
             current = f"{run.config_id} rep {max(1, run.repetition)} · {run.stage or '…'}"
+        elif run.state in ACTIVE_RUN_STATES:
+            current = f"{run.state}: preparing the first configuration"
         elif camp and camp.exit_status:
             current = f"campaign {camp.id} {camp.exit_status}"
         else:
             current = "idle — press s to start the matrix" if not camp else "idle"
+        if not state.results and self.planned and not camp:
+            total = sum(p.repetitions for p in self.planned)
+            if run.state not in ACTIVE_RUN_STATES:
+                current = (f"not started — press s to run these {len(self.planned)} configurations × "
+                           f"{max(p.repetitions for p in self.planned)}")
         return MatrixView(
             simulated=state.live.service.simulated or bool(camp and camp.simulated),
-            plan_name=(camp.plan_name if camp else "") or run.plan_name or "no campaign yet",
+            plan_name=(camp.plan_name if camp else "") or run.plan_name or self.plan_name or "no campaign yet",
             run_state=run.state,
             progress=progress,
             progress_text=f"{finished}/{total} repetitions" if total else "no repetitions",
+            planned_only=not state.results and bool(rows),
             eta=fmt.duration(run.eta_s) if run.state in ACTIVE_RUN_STATES else fmt.MISSING,
             current=current,
             rows=tuple(rows),
@@ -268,7 +311,7 @@ async def load_detail(
         status=t.status,
         valid=t.valid,
         reasons=t.reasons,
-        jpt=fmt.num(rep.jpt, 3, "J/tok"),
+        jpt=fmt.num(rep.jpt, 3),  # the label says J/token
         accuracy=fmt.pct(rep.accuracy),
         epi=fmt.num(rep.epi, 3),
         tasks=tuple((k, fmt.pct(v)) for k, v in sorted(rep.tasks)),
