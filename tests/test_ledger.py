@@ -352,6 +352,19 @@ async def test_prune_keeps_the_ticks_that_cover_a_window_end(ledger, tmp_path):
     assert before.n == 1 and same(before, block(3000).slice_time(begin - 0.15, begin - 0.05))
 
 
+async def test_pruning_everything_old_never_lets_chunk_ids_be_reused(tmp_path):
+    path = tmp_path / "ledger.db"
+    async with await Ledger.open(path) as led:
+        await led.insert_samples(block(640))  # full chunks only: no open chunk is left
+        viewer_cursor = await led.sample_cursor_at_end()
+        await led.prune_samples(T0 + 10_000.0)
+    async with await Ledger.open(path) as led:  # the service restarts
+        await led.insert_samples(block(10, start=5000))
+    async with await Ledger.open(path, readonly=True) as viewer:
+        new, _ = await viewer.samples_after(viewer_cursor)
+    assert same(new, block(10, start=5000))
+
+
 # ------------------------------------------------------------------------------------ records
 
 

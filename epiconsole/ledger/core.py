@@ -576,7 +576,7 @@ class Ledger:
         return int(await self._scalar("SELECT coalesce(sum(n), 0) FROM sample_chunks"))
 
     async def prune_samples(self, before_t: float, keep_ranges: Iterable[tuple[float, float]] = ()) -> int:
-        """Delete chunks (except the open one) that end before ``before_t``; returns the number of ticks deleted.
+        """Delete chunks (except the newest) that end before ``before_t``; returns the number of ticks deleted.
 
         Chunks touching a ``keep_ranges`` interval or any trial's measurement window (from the
         begin/end markers; an open window counts up to now), widened by ``PRUNE_MARGIN_S`` on both
@@ -588,9 +588,12 @@ class Ledger:
         async with self.transaction():
             keep = [(float(a), float(b)) for a, b in keep_ranges]
             keep += await self._marker_windows()
+            # The newest chunk always stays (it is the open one, or full): chunk ids must never be
+            # reused after a reopen, or a viewer's cursor would skip the new ticks.
             rows = await self._all(
-                "SELECT id, t_first, t_last, n FROM sample_chunks WHERE t_last < ? AND id < ?",
-                (before_t, self._tail.chunk_id if self._tail else 2**62),
+                "SELECT id, t_first, t_last, n FROM sample_chunks WHERE t_last < ? "
+                "AND id < (SELECT max(id) FROM sample_chunks)",
+                (before_t,),
             )
             if not rows:
                 return 0
