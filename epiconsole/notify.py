@@ -6,7 +6,7 @@ plugged in (``curl`` to a webhook, ``mail``, ``ntfy``, a Signal CLI ...). The ev
 ``$EPICONSOLE_EVENT`` so a one-line command can branch without parsing JSON.
 
 A notifier never stops a run: :func:`send` never raises, kills the command (its whole process group)
-after ``[notify] timeout_s`` and reports failures through the ``log`` callback and its return value.
+after ``[notify] timeout_s`` (30 s when that is not positive: there is no "wait forever") and reports failures through the ``log`` callback and its return value.
 :class:`Notifier` fires notifications in the background so a slow messenger never holds up a stage.
 """
 
@@ -32,6 +32,12 @@ EVENTS = ("campaign_finished", "campaign_failed", "suspended", "resumed")
 _STDERR_TAIL = 300
 #: After a kill, how long to wait for the process to be reaped.
 _REAP_TIMEOUT_S = 5.0
+#: The limit when ``[notify] timeout_s`` is not positive: every wait has one, a notifier's too.
+_FALLBACK_TIMEOUT_S = NotifyConfig().timeout_s
+
+
+def _timeout(cfg: NotifyConfig) -> float:
+    return cfg.timeout_s if cfg.timeout_s > 0 else _FALLBACK_TIMEOUT_S
 
 Log = Callable[[str], None]
 
@@ -110,7 +116,7 @@ async def send(cfg: NotifyConfig, event: Mapping[str, Any], *, log: Log | None =
         )
     except (OSError, ValueError) as exc:
         return fail(f"could not start ({exc})")
-    timeout = cfg.timeout_s if cfg.timeout_s > 0 else None
+    timeout = _timeout(cfg)
     try:
         # communicate() tolerates a command that exits without reading its stdin.
         _out, err = await asyncio.wait_for(proc.communicate(payload), timeout)
@@ -118,7 +124,7 @@ async def send(cfg: NotifyConfig, event: Mapping[str, Any], *, log: Log | None =
         _kill_group(proc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proc.wait(), _REAP_TIMEOUT_S)
-        return fail(f"timed out after {cfg.timeout_s:g} s and was killed; raise [notify] timeout_s or fix the command")
+        return fail(f"timed out after {timeout:g} s and was killed; raise [notify] timeout_s or fix the command")
     except asyncio.CancelledError:
         _kill_group(proc)
         # Reap it before going: an unreaped child's transport would be collected after its loop closed.
@@ -172,7 +178,7 @@ class Notifier:
         """Wait for notifications in flight (at most ``timeout_s``, default the command timeout + 5 s)."""
         if not self._tasks:
             return
-        limit = timeout_s if timeout_s is not None else self.cfg.timeout_s + _REAP_TIMEOUT_S
+        limit = timeout_s if timeout_s is not None else _timeout(self.cfg) + _REAP_TIMEOUT_S
         pending = set(self._tasks)
         _done, left = await asyncio.wait(pending, timeout=limit)
         for task in left:

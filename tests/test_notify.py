@@ -86,6 +86,18 @@ async def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
         pytest.fail(f"notifier child {pid} still alive after the timeout")
 
 
+async def test_a_zero_timeout_still_has_a_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``timeout_s = 0`` is not "wait forever": the fallback limit applies (shortened here)."""
+    from epiconsole import notify
+
+    monkeypatch.setattr(notify, "_FALLBACK_TIMEOUT_S", 0.5)
+    logs: list[str] = []
+    t0 = time.monotonic()
+    assert await send(NotifyConfig(command="sleep 30", timeout_s=0), make_event("resumed"), log=logs.append) is False
+    assert time.monotonic() - t0 < 10
+    assert logs and "timed out after 0.5 s" in logs[0]
+
+
 async def test_a_broken_log_callback_does_not_raise() -> None:
     def bad_log(_msg: str) -> None:
         raise RuntimeError("logger down")
