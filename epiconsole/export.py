@@ -358,7 +358,10 @@ async def export_campaign(
     written = 0
     trials: list[TrialExport] = []
     problems: list[str] = []
-    await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
+    try:
+        await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"Cannot create {out} ({exc.strerror or exc}); choose an --out where you can write.") from None
     # An earlier export's files go first: a re-export of another campaign (or of fewer repetitions)
     # must not leave stale repetitions beside the new ones, where verify and readers would take them.
     await asyncio.to_thread(_remove_previous, out)

@@ -186,6 +186,10 @@ async def test_out_dir_safety_and_re_export(tmp_path: Path) -> None:
         again = await export_campaign(ledger, tmp_path / "out", cfg=sim_defaults())  # an earlier export: fine
         with pytest.raises(UserError, match="holds no campaign 99"):
             await export_campaign(ledger, tmp_path / "out", cfg=sim_defaults(), campaign_id=99)
+        blocker = tmp_path / "plain-file"
+        blocker.write_text("x")
+        with pytest.raises(UserError, match="Cannot create .*choose an --out where you can write"):
+            await export_campaign(ledger, blocker / "data", cfg=sim_defaults())  # its parent is a file
     assert first.complete == again.complete == 1
     assert (foreign / "chapter1.tex").read_text() == "precious"
 
