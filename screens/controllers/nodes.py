@@ -13,6 +13,8 @@ from screens.controllers.commands import CommandRequest
 HISTORY_MAX = 200
 #: Run states in which a benchmark request may be in flight on the root's API.
 BUSY_RUN_STATES = frozenset({"running", "pausing", "aborting"})
+#: Stages during (or just around) which benchmark requests occupy the one-request-at-a-time API.
+BUSY_STAGES = frozenset({"stabilize", "benchmark", "calculate", "log"})
 GOVERNORS = ("performance", "ondemand", "powersave", "schedutil")
 
 
@@ -88,11 +90,12 @@ class NodesController:
             )
         api_ok = live.nodes.api_ok
         api = {True: "answering", False: "NOT answering", None: "unknown"}[api_ok]
-        if api_ok is False and live.run.stage == "benchmark" and live.run.state in BUSY_RUN_STATES:
+        if api_ok is False and live.run.stage in BUSY_STAGES and live.run.state in BUSY_RUN_STATES:
             # dllama-api serves one request at a time: during a benchmark the service's health probe
             # queues behind a benchmark request and times out. That is a busy API, not a dead one (a
-            # dead one fails the benchmark stage, which the Matrix and the Log show).
-            api, api_ok = "busy with a benchmark request (health probe not answered)", None
+            # dead one fails the benchmark stage, which the Matrix and the Log show). The probe's result
+            # lags the stage by up to a probe period, so the stages around the benchmark count too.
+            api, api_ok = "busy with benchmark requests (health probe not answered)", None
         if live.nodes.api_model:
             api += f" · {live.nodes.api_model}"
         return NodesView(tuple(rows), api, api_ok, tuple(reversed(self._history)))
