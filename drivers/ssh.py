@@ -218,6 +218,19 @@ def _connect_error(target: SshTarget, exc: BaseException) -> SshError:
     )
 
 
+class _PtyRefused(Exception):
+    """The host refused a pseudo-terminal on a live connection (``PermitTTY no``)."""
+
+
+def _lost_error(target: SshTarget, command: str) -> SshError:
+    """A session that ended with neither an exit status nor a signal: the connection went away under it."""
+    return HostUnreachable(
+        target.name,
+        f"the connection to {target.name} ({target.address}:{target.port}) was lost while `{_short(command)}` ran; "
+        f"check that it is powered on and on the network, then retry.",
+    )
+
+
 class _Client(asyncssh.SSHClient):
     """Tells the pool when a connection dies so the next command reconnects."""
 
@@ -297,18 +310,36 @@ class SshPool:
         return conn
 
     async def _session(self, name: str, command: str, pty: bool) -> asyncssh.SSHClientProcess[str]:
-        """Open a session running ``command``; one reconnect when the pooled connection died under us."""
+        """Open a session running ``command``; one reconnect when the pooled connection died under us.
+
+        A refused channel or terminal on a live connection is the host's answer, not a dead link: the
+        connection (and every other command running over it) is kept.
+        """
         for attempt in (0, 1):
             conn = await self.connection(name)
             try:
                 kwargs: dict[str, Any] = {"term_type": "dumb", "term_size": (200, 50)} if pty else {}
                 return await conn.create_process(command, encoding="utf-8", errors="replace", **kwargs)
-            except (asyncssh.ChannelOpenError, asyncssh.ConnectionLost, asyncssh.DisconnectError, OSError) as exc:
-                self._conns.pop(name, None)
-                conn.close()
+            except asyncssh.ChannelOpenError as exc:
+                if pty and exc.code == asyncssh.OPEN_REQUEST_PTY_FAILED and not conn.is_closed():
+                    raise _PtyRefused from None
+                if not conn.is_closed() and exc.code != asyncssh.OPEN_CONNECT_FAILED:
+                    raise SshError(name, f"{name} refused to open a session for `{_short(command)}` ({exc.reason}); "
+                                         f"run fewer commands on it at once or raise MaxSessions in its "
+                                         f"sshd_config.") from None
+                self._drop(name, conn)
+                if attempt:
+                    raise _connect_error(self.target(name), exc) from None
+            except (asyncssh.ConnectionLost, asyncssh.DisconnectError, OSError) as exc:
+                self._drop(name, conn)
                 if attempt:
                     raise _connect_error(self.target(name), exc) from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _drop(self, name: str, conn: asyncssh.SSHClientConnection) -> None:
+        if self._conns.get(name) is conn:
+            self._conns.pop(name, None)
+        conn.close()
 
     async def _process(self, name: str, command: str, pty: bool) -> tuple[asyncssh.SSHClientProcess[str], bool]:
         """A session, with a pty when asked and the server gives one; returns (process, pty used).
@@ -320,7 +351,7 @@ class SshPool:
         if pty and name not in self._no_pty:
             try:
                 return await self._session(name, command, True), True
-            except HostUnreachable:
+            except (_PtyRefused, HostUnreachable):
                 proc = await self._session(name, command, False)
                 self._no_pty.add(name)
                 return proc, False
@@ -331,10 +362,22 @@ class SshPool:
         """Run a short command to completion; raise :class:`SshTimeout` (after killing it) past ``timeout``."""
         target = self.target(name)
         limit = target.command_timeout_s if timeout is None else timeout
-        async with self._sessions[name]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        sessions = self._sessions[name]
+        try:
+            # Waiting for a free session counts against the command's time: long streams holding every
+            # session must not hang a health check forever.
+            await asyncio.wait_for(sessions.acquire(), limit)
+        except TimeoutError:
+            raise SshTimeout(
+                name, f"`{_short(command)}` found no free session on {name} within {limit:g} s (all are busy with "
+                      f"long commands); wait for them or cancel one."
+            ) from None
+        try:
             proc, _ = await self._process(name, command, pty)
             try:
-                done = await asyncio.wait_for(proc.wait(check=False), limit)
+                done = await asyncio.wait_for(proc.wait(check=False), max(0.0, deadline - loop.time()))
             except TimeoutError:
                 await _kill(proc)
                 raise SshTimeout(
@@ -346,6 +389,10 @@ class SshPool:
                 raise
             except (asyncssh.ConnectionLost, asyncssh.DisconnectError) as exc:
                 raise _connect_error(target, exc) from None
+        finally:
+            sessions.release()
+        if done.exit_status is None and done.exit_signal is None:
+            raise _lost_error(target, command)
         stdout = _text(done.stdout)
         result = CommandResult(command, done.exit_status if done.exit_signal is None else None, stdout,
                                _text(done.stderr), done.exit_signal[0] if done.exit_signal else None)
@@ -484,10 +531,12 @@ class RemoteStream:
 
     async def _finish(self) -> None:
         assert self._proc is not None
+        lost = False
         try:
             done = await asyncio.wait_for(self._proc.wait(check=False), 10.0)
             self.exit_signal = done.exit_signal[0] if done.exit_signal else None
             self.exit_status = done.exit_status if self.exit_signal is None else None
+            lost = done.exit_status is None and done.exit_signal is None
         except TimeoutError:
             await _kill(self._proc)
         if self._stderr_task is not None:
@@ -495,6 +544,9 @@ class RemoteStream:
                 await asyncio.wait_for(self._stderr_task, 2.0)
         self._finished = True
         self._release()
+        if lost:
+            # The output ended because the link did, not because the command finished.
+            raise _lost_error(self.pool.target(self.name), self.command)
 
     async def cancel(self) -> None:
         """Kill the remote command (if it still runs) and free the session."""

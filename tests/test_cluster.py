@@ -317,3 +317,51 @@ async def test_root_refuses_without_workers(sim_hosts: SimHosts) -> None:  # noq
     assert await eventually(lambda: log.exists() and "Cannot connect to worker" in log.read_text())
     with pytest.raises(ApiNotReady, match="dllama-api.log"):
         await cl.wait_api_ready(timeout=0.3, interval=0.05)
+
+
+# --------------------------------------------------------------------------------------------------
+# The pooled connection under trouble
+
+
+async def test_refused_terminal_keeps_the_connection_and_its_commands(sim_hosts: SimHosts) -> None:  # noqa: F811
+    """A host that refuses a pty answers on a live connection: commands already running on it go on."""
+    pool = sim_hosts.pool
+    sim_hosts.sim.permit_tty = False
+    running = asyncio.create_task(pool.run("pi1", "sleep 600 && echo fine"))  # 1 s at x600
+    assert await eventually(lambda: "sleep 600" in sim_hosts.sim.running("pi1"))
+    conn = await pool.connection("pi1")
+    assert [line async for line in pool.stream("pi1", "echo go")] == ["go"]
+    assert "pi1" in pool._no_pty and await pool.connection("pi1") is conn
+    result = await running
+    assert result.ok and result.stdout == "fine\n"
+
+
+async def test_connection_lost_mid_command_is_unreachable_not_a_result(sim_hosts: SimHosts) -> None:  # noqa: F811
+    pool, lab = sim_hosts.pool, sim_hosts.lab
+    running = asyncio.create_task(pool.run("pi3", "sleep 100000"))
+    assert await eventually(lambda: sim_hosts.sim.running("pi3"))
+    lab.faults.node_down.add("pi3")
+    with pytest.raises(HostUnreachable, match="connection to pi3 .* was lost while `sleep 100000` ran"):
+        await running
+    lab.faults.node_down.discard("pi3")
+    for pty in (True, False):
+        lab.faults.node_down.discard("pi3")
+        stream = pool.stream("pi3", "echo first; sleep 100000", pty=pty)
+        assert await stream.__anext__() == "first"
+        lab.faults.node_down.add("pi3")
+        with pytest.raises(HostUnreachable, match="pi3"):
+            async for _ in stream:
+                pass
+        assert stream.exit_status is None and stream.finished
+    lab.faults.node_down.discard("pi3")
+    assert (await pool.run("pi3", "echo back")).stdout == "back\n"
+
+
+async def test_waiting_for_a_free_session_is_bounded(sim_hosts: SimHosts) -> None:  # noqa: F811
+    pool = SshPool(sim_hosts.targets, max_sessions=1)
+    async with pool.stream("pi2", "echo busy; sleep 100000") as busy:
+        assert await busy.__anext__() == "busy"
+        with pytest.raises(SshTimeout, match="found no free session on pi2 within 0.3 s"):
+            await pool.run("pi2", "true", timeout=0.3)
+    assert (await pool.run("pi2", "echo free", timeout=10)).stdout == "free\n"
+    await pool.close()
