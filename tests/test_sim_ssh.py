@@ -387,3 +387,23 @@ async def test_stop_kills_daemons(tmp_path: Path) -> None:
     await sim.stop()
     assert not lab.node("pi1").worker_running
     assert all(m.running() == [] and not m.jobs for m in sim.machines.values())
+
+
+async def test_client_key_replaces_a_planted_file_instead_of_writing_through_it(tmp_path: Path) -> None:
+    """A symlink (or a world-readable file) at the key's path never receives the new private key."""
+    from epiconsole.sim.ssh import SimSSH
+
+    victim = tmp_path / "victim"
+    victim.write_text("not a key\n")
+    os.chmod(victim, 0o644)
+    (tmp_path / "id_ed25519").symlink_to(victim)
+    sim = SimSSH(SimLab(sim_config()), tmp_path)
+    await sim.start()
+    try:
+        key = sim.client_key
+        assert not key.is_symlink() and stat.S_IMODE(key.stat().st_mode) == 0o600
+        assert victim.read_text() == "not a key\n"
+        assert key.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+        assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    finally:
+        await sim.stop()

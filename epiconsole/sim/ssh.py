@@ -207,6 +207,11 @@ class SimSSH:
                     allow_pty=True,
                     agent_forwarding=False,
                     x11_forwarding=False,
+                    # The lab's client key is the only credential: no Kerberos (where gssapi is installed),
+                    # no host-based or certificate logins.
+                    gss_host=None,
+                    known_client_hosts=None,
+                    x509_trusted_certs=None,
                 )
                 self._servers.append(server)
                 port = server.get_port()
@@ -258,11 +263,24 @@ class SimSSH:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write a private key readable by its owner only (created 600, never world-readable for a moment)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)
+    """Write a private key readable by its owner only.
+
+    The key goes into a new file created 600 next to ``path`` and is then renamed over it: an existing
+    file with looser permissions never holds the new key, and a symlink planted at ``path`` is replaced,
+    not followed.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 __all__ = ["HOST", "SimSSH"]
