@@ -44,6 +44,11 @@ _THROTTLED = re.compile(r"^throttled=(0x[0-9a-fA-F]+)$")
 _CLOCK = re.compile(r"^frequency\(\d+\)=(\d+)$")
 _LOADAVG = re.compile(r"^(\d+\.\d+) \d+\.\d+ \d+\.\d+ \d+/\d+ \d+$")
 _SHA = re.compile(r"^([0-9a-f]{64})\s")
+#: A governor's sysfs text: one lower-case word (kernels and vendors add their own, e.g. ``interactive``).
+_GOVERNOR = re.compile(r"^[a-z][a-z0-9_]*$")
+#: What may appear in ``user@host:path`` of a push: rsync hands the remote part to the node's login
+#: shell, which (rsync < 3.2.4, still common) splits and expands it again, so no quoting survives there.
+_REMOTE_SAFE = re.compile(r"^[A-Za-z0-9_./+%,=~-]+$")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,6 +105,12 @@ class CopyMismatch(Exception):
         self.node, self.checks = node, tuple(checks)
 
 
+class UnsafeRemotePath(SshError):
+    """A value would reach a second shell unquoted (rsync's remote side), so it is refused."""
+
+    kind = "unsafe-path"
+
+
 class ApiNotReady(Exception):
     """dllama-api did not answer ``GET /v1/models`` with 200 in time."""
 
@@ -130,7 +141,7 @@ def parse_health(node: str, text: str) -> NodeHealth:
             clock = int(m.group(1))
         elif m := _LOADAVG.match(line):
             load1 = float(m.group(1))
-        elif line in GOVERNORS:
+        elif _GOVERNOR.match(line):
             governor = line
     missing = [name for name, v in (("temperature", temp), ("throttled state", throttled), ("arm clock", clock),
                                     ("governor", governor), ("load average", load1)) if v is None]
@@ -171,6 +182,25 @@ def parse_millidegrees(text: str) -> float:
         raise SensorError(f"the ambient sensor printed {value!r} instead of millidegrees; check that the DS18B20 is "
                           f"connected and the ambient command template")
     return int(value) / 1000.0
+
+
+def _push_destination(node: str, user: str, address: str, dest_dir: str, files: Sequence[str]) -> str:
+    """``user@host:dir/`` for the push template, or :class:`UnsafeRemotePath` when a value is unsafe.
+
+    The local shell gets every value quoted (:func:`fill`), but the destination's path is run through the
+    node's shell a second time by rsync, and a source starting with ``-`` would be read as an option.
+    """
+    host = f"[{address}]" if ":" in address else address
+    for what, value in (("model directory", dest_dir), ("user", user), ("address", address)):
+        if not _REMOTE_SAFE.match(value) or value.startswith("-"):
+            raise UnsafeRemotePath(node, f"the {what} {value!r} for {node} holds characters that rsync's remote "
+                                         f"shell would interpret; use only letters, digits and ._-/ in "
+                                         f"[cluster] model_dir and hosts.{node}.")
+    for f in files:
+        if f.startswith("-"):
+            raise UnsafeRemotePath(node, f"the file {f!r} would be read by rsync as an option; pass it as an "
+                                         f"absolute path.")
+    return f"{user}@{host}:{dest_dir.rstrip('/')}/"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,7 +362,7 @@ class Cluster:
                     raise SensorError(f"{f} cannot be read on {source}; check the surgery output path")
                 expected[f] = (size, digest)
         target = self.pool.target(node)
-        dest = f"{target.user}@{target.address}:{dest_dir.rstrip('/')}/"
+        dest = _push_destination(node, target.user, target.address, dest_dir, files)
         await self.pool.run(source, self.command("push", files=list(files), dest=dest), timeout=timeout, check=True)
         checks = []
         for f in files:

@@ -16,6 +16,7 @@ from drivers.cluster import (
     CopyMismatch,
     NodeHealth,
     SensorError,
+    UnsafeRemotePath,
     parse_health,
     parse_millidegrees,
     throttle_names,
@@ -59,6 +60,15 @@ def test_parse_health_reports_what_is_missing() -> None:
     h = parse_health("pi1", "temp=50.0'C\nsh: 1: vcgencmd: not found\nondemand\n")
     assert not h.ok and h.temp_c == 50.0 and h.governor == "ondemand"
     assert h.error == "pi1 did not report its throttled state, arm clock, load average; check the health command template"
+
+
+def test_parse_health_of_firmware_variants() -> None:
+    """A Pi 4's arm clock is frequency(48); vendor kernels add governors; a pty ends lines with CRLF."""
+    text = "temp=48.3'C\r\nthrottled=0x50005\r\nfrequency(48)=1800404352\r\ninteractive\r\n0.00 0.01 0.05 1/123 4567\r\n"
+    h = parse_health("pi3", text)
+    assert h.ok and (h.temp_c, h.throttled, h.arm_hz, h.governor) == (48.3, 0x50005, 1800404352, "interactive")
+    assert h.throttled_now == ("under-voltage", "throttled") == h.throttled_since
+    assert parse_health("pi3", "temp=-2.0'C\nthrottled=0x0\nfrequency(0)=0\nperformance\n0.00 0.00 0.00 1/1 1\n").temp_c == -2.0
 
 
 def test_throttle_bits() -> None:
@@ -274,6 +284,24 @@ async def test_copy_and_verify(sim_hosts: SimHosts) -> None:  # noqa: F811
     with pytest.raises(CopyMismatch, match="differs from the source") as err:
         await cl.copy_and_verify("dgx", [str(model), str(tok)], "pi0", str(dest), expected=wrong)
     assert [c.ok for c in err.value.checks] == [False, True]
+
+
+@pytest.mark.parametrize(("dest", "files", "what"), [
+    ("/home/pi/models; touch pwned", None, "model directory"),
+    ("/home/pi/my models", None, "model directory"),
+    ("/home/pi/$(id)", None, "model directory"),
+    ("/home/pi/models", ["-e sh x.sh"], "read by rsync as an option"),
+])
+async def test_push_refuses_values_the_remote_shell_would_interpret(
+        sim_hosts: SimHosts, dest: str, files: list[str] | None, what: str) -> None:  # noqa: F811
+    """rsync runs the destination path through the node's shell again, where no quoting of ours survives."""
+    cl = cluster_for(sim_hosts)
+    src = sim_hosts.dir / "a.m"
+    src.write_bytes(b"model")
+    with pytest.raises(UnsafeRemotePath, match=what):
+        await cl.copy_and_verify("dgx", files or [str(src)], "pi0", str(sim_hosts.dir / "out") + dest,
+                                 expected={(files or [str(src)])[0]: (5, "0" * 64)})
+    assert sorted(p.name for p in sim_hosts.dir.iterdir() if p.name.startswith("out")) == []
 
 
 async def test_workers_root_and_api(sim_hosts: SimHosts) -> None:  # noqa: F811
