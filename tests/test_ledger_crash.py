@@ -94,6 +94,7 @@ async def run_and_kill(
         sys.executable, str(script), str(db), str(start), mode, stdout=asyncio.subprocess.PIPE
     )
     reported: list[int] = []
+    killed = False
     try:
         while True:
             line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
@@ -105,12 +106,15 @@ async def run_and_kill(
         await asyncio.sleep(delay_s)  # the writer keeps committing: the kill lands wherever it is
         # Reports written before the kill still count as committed.
         os.kill(proc.pid, signal.SIGKILL)
+        killed = True
         rest = await asyncio.wait_for(proc.stdout.read(), timeout=10)
         reported += [int(x.split()[1]) for x in rest.splitlines() if x.startswith(b"OK ")]
     finally:
-        if proc.returncode is None:
+        # Only when the kill above was never sent: proc.kill() polls (waitpid) first, which can reap
+        # the child before asyncio's watcher does, and asyncio then reports returncode 255.
+        if not killed and proc.returncode is None:
             proc.kill()
-        await proc.wait()
+        await asyncio.wait_for(proc.wait(), timeout=10)
     assert proc.returncode == -signal.SIGKILL
     return reported
 
