@@ -61,7 +61,9 @@ async def test_samples_flow_energy_integrates_and_the_clock_fit_finds_the_time_s
                 watts = (s[-1].channels[ch].Wh - s[0].channels[ch].Wh) / dt_h
                 assert watts == pytest.approx(lab.physics.true_watts(ch, False, False, None), rel=0.01)
             # The device clock runs 60x fast: the fit's slope is 1/60 host seconds per device second.
-            assert st.clock_slope * SCALE == pytest.approx(1.0, rel=0.03)
+            # On a starved CPU the writer sends in late bursts, which tilts a short fit by several
+            # percent; 15 % still tells 60x from any other scale.
+            assert st.clock_slope * SCALE == pytest.approx(1.0, rel=0.15)
             assert st.clock_residual < 0.05
             # Mapped times track receive times (which are only ever late).
             late = [x.host_time - x.t for x in s[-200:]]
