@@ -91,7 +91,9 @@ def _coverage(ts: np.ndarray, t0: float, t1: float, gap_limit_s: float) -> tuple
     overlap = np.clip(b - a, 0.0, None)
     covered = dt <= gap_limit_s
     covered_s = float(overlap[covered].sum())
-    touching = (ts[1:] >= t0) & (ts[:-1] <= t1)
+    # Strictly inside: an interval that only meets the window at an end (a sample exactly at t0
+    # after a long silence) leaves nothing of the window uncovered, so its length is no gap of it.
+    touching = (ts[1:] > t0) & (ts[:-1] < t1)
     longest = float(dt[touching].max()) if touching.any() else 0.0
     # A window end with no sample beyond it is uncovered up to that end.
     if ts[0] > t0:

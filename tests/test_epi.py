@@ -206,6 +206,15 @@ def test_uncovered_window_end_is_not_counter_and_reports_coverage():
     assert e.longest_gap_s == pytest.approx(2.0)
 
 
+def test_a_gap_that_ends_exactly_at_the_window_start_is_not_a_gap_of_the_window():
+    t = np.concatenate([[0.0], 10.0 + np.arange(51) * 0.1])  # 10 s of silence, then samples from t0 on
+    W = np.full(t.size, 4.0)
+    e = window_energy(t, W, None, 10.0, 15.0, gap_limit_s=1.0)
+    assert e.complete and e.longest_gap_s == pytest.approx(0.1)
+    e = window_energy(t, W, None, 9.0, 15.0, gap_limit_s=1.0)  # now the silence is inside the window
+    assert not e.complete and e.longest_gap_s == pytest.approx(10.0)
+
+
 def test_no_samples_is_none_not_zero():
     e = window_energy(np.array([]), np.array([]), None, 0.0, 10.0, 1.0)
     assert e.joules is None and e.method is None and e.coverage == 0.0 and e.longest_gap_s == 10.0
