@@ -68,6 +68,24 @@ def test_redirections_and_fd_numbers() -> None:
     assert c.first.commands[0].argv == ("echo",) and c.first.commands[0].redirects == (Redirect(2, ">>", "f"),)
 
 
+def test_escapes_count_backslashes() -> None:
+    """``\\;`` is a literal backslash and then a separator; ``\\\\\\;`` escapes the separator."""
+    assert argvs("echo a\\\\; echo b") == [("echo", "a\\"), ("echo", "b")]
+    assert argvs("echo a\\\\\\;b") == [("echo", "a\\;b")]
+    assert argvs("echo \\&\\& b") == [("echo", "&&", "b")]
+
+
+def test_newlines_separate_commands_like_semicolons() -> None:
+    assert argvs("echo a\necho b") == [("echo", "a"), ("echo", "b")]
+    lists = parse("\n\necho a &\n\nfalse ||\n  echo c |\n  cat\n")
+    assert [x.background for x in lists] == [True, False]
+    assert [[c.argv for c in p.commands] for p in (lists[1].first, lists[1].rest[0][1])] == [
+        [("false",)], [("echo", "c"), ("cat",)]]
+    assert argvs(fill("echo {v}", v="two\nlines")) == [("echo", "two\nlines")]
+    with pytest.raises(ShellSyntaxError):
+        parse("echo a\n&& echo b")
+
+
 @pytest.mark.parametrize("bad", ["a &&", "| a", "a ;; b", "echo 'open", "a >"])
 def test_syntax_errors(bad: str) -> None:
     with pytest.raises(ShellSyntaxError):

@@ -90,7 +90,9 @@ class AndOr:
     background: bool = False
 
 
-OPERATORS = ("&&", "||", ">>", ">&", "&>", "<&", ";", "&", "|", ">", "<", "(", ")")
+OPERATORS = ("&&", "||", ">>", ">&", "&>", "<&", ";", "&", "|", ">", "<", "(", ")", "\n")
+#: An unquoted newline ends a command like ``;`` (templates written as TOML multi-line strings have them).
+NEWLINE = "\n"
 _REDIRECT_OPS = (">", ">>", "<", ">&", "&>", "<&")
 
 
@@ -116,9 +118,18 @@ def _split_ops(run: str) -> list[str]:
     return out
 
 
+def _escaped(source: str, index: int) -> bool:
+    """Whether the character at ``index`` is escaped: preceded by an odd run of backslashes."""
+    run = 0
+    while index - run - 1 >= 0 and source[index - run - 1] == "\\":
+        run += 1
+    return run % 2 == 1
+
+
 def tokenize(source: str) -> list[_Tok]:
-    """POSIX words and operators; quoted operator characters stay words."""
-    lex = shlex.shlex(source, posix=True, punctuation_chars=True)
+    """POSIX words and operators; quoted or escaped operator characters stay words."""
+    lex = shlex.shlex(source, posix=True, punctuation_chars="();<>|&" + NEWLINE)
+    lex.whitespace = " \t\r"
     lex.whitespace_split = True
     lex.commenters = ""
     punct = set(lex.punctuation_chars)
@@ -126,10 +137,10 @@ def tokenize(source: str) -> list[_Tok]:
     try:
         while (text := lex.get_token()) is not None:
             pos = lex.instream.tell() - len(lex._pushback_chars)  # where the lexer stopped
-            end = pos - 1 if pos > 0 and source[pos - 1].isspace() else pos
+            # A word ends by consuming the blank after it; anything else that ended it was pushed back.
+            end = pos - 1 if pos > 0 and source[pos - 1] in lex.whitespace else pos
             raw = source[end - len(text): end] if len(text) <= end else ""
-            is_op = bool(text) and set(text) <= punct and raw == text and (end - len(text) == 0 or
-                                                                            source[end - len(text) - 1] != "\\")
+            is_op = bool(text) and set(text) <= punct and raw == text and not _escaped(source, end - len(text))
             if is_op:
                 toks.extend(_Tok(op, True) for op in _split_ops(text))
             else:
@@ -178,28 +189,38 @@ def parse(source: str) -> list[AndOr]:
             raise unexpected(peek())
         return Simple(tuple(argv), tuple(redirects))
 
+    def newlines() -> None:
+        """Skip blank lines (allowed before a command and after ``|``, ``&&``, ``||``, ``;``, ``&``)."""
+        nonlocal i
+        while (t := peek()) is not None and t.op and t.text == NEWLINE:
+            i += 1
+
     def pipeline() -> Pipeline:
         nonlocal i
         cmds = [simple()]
         while (t := peek()) is not None and t.op and t.text == "|":
             i += 1
+            newlines()
             cmds.append(simple())
         return Pipeline(tuple(cmds))
 
+    newlines()
     while i < len(toks):
         first = pipeline()
         rest: list[tuple[str, Pipeline]] = []
         while (t := peek()) is not None and t.op and t.text in ("&&", "||"):
             i += 1
+            newlines()
             rest.append((t.text, pipeline()))
         background = False
         t = peek()
         if t is not None:
-            if not t.op or t.text not in (";", "&"):
+            if not t.op or t.text not in (";", "&", NEWLINE):
                 raise unexpected(t)
             background = t.text == "&"
             i += 1
         lists.append(AndOr(first, tuple(rest), background))
+        newlines()
     return lists
 
 
