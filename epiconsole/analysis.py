@@ -110,16 +110,18 @@ def task_accuracies(accuracy: Mapping[str, Any]) -> tuple[tuple[str, float], ...
 
 
 def _composite_stderr(accuracy: Mapping[str, Any], bench: Mapping[str, Any]) -> float | None:
+    """Standard error of the composite: each task's reported one, else the binomial one from its item
+    count; a task with neither leaves the composite's unknown."""
     stderr = _section(accuracy, "stderr")
-    tasks = [name for name, _ in task_accuracies(accuracy)]
-    if not stderr or any(t not in stderr for t in tasks):
-        return None  # a task without a standard error leaves the composite's unknown
     details = _section(bench, "task_details")
-    weights = {k: _num(_section(details, k).get("weight")) for k in stderr}
+    per_task: dict[str, float | None] = {}
+    for name, acc in task_accuracies(accuracy):
+        se = _num(stderr.get(name))
+        per_task[name] = se if se is not None else epimath.accuracy_stderr(acc, _num(_section(details, name).get("n")))
+    weights = {k: _num(_section(details, k).get("weight")) for k in per_task}
     try:
         return epimath.composite_stderr(
-            {k: _num(v) for k, v in stderr.items()},
-            None if any(w is None for w in weights.values()) else weights,  # type: ignore[arg-type]
+            per_task, None if any(w is None for w in weights.values()) else weights  # type: ignore[arg-type]
         )
     except ValueError:  # weights the benchmark recorded that cannot weigh (all zero): no figure
         return None

@@ -217,3 +217,13 @@ def test_non_finite_figures_are_missing_never_numbers() -> None:
     assert r.joules is None and r.jpt is None and r.accuracy is None and r.epi is None and not r.usable
     a = analyze([result("baseline", 1, joules=nan), result("baseline", 2, joules=1000.0)])
     assert a.config("baseline").jpt is not None and a.config("baseline").jpt.n == 1
+
+
+def test_a_task_without_a_reported_stderr_takes_the_binomial_one_from_its_item_count() -> None:
+    r = result("baseline", 1, acc=0.5)
+    r.epi["accuracy"]["stderr"] = {"mmlu": None, "arc_challenge": 0.02}
+    r.benchmark["task_details"] = {"mmlu": {"n": 100, "weight": 1.0}, "arc_challenge": {"n": 50, "weight": 1.0}}
+    rep = repetitions([r])[0]
+    assert rep.accuracy_stderr == pytest.approx(math.sqrt(0.05**2 + 0.02**2) / 2)  # sqrt(0.25 / 100) = 0.05
+    del r.benchmark["task_details"]
+    assert repetitions([r])[0].accuracy_stderr is None  # no stderr and no item count: unknown, not 0
