@@ -183,11 +183,6 @@ class Spread:
     hi: float
     n: int
 
-    @property
-    def rel_spread(self) -> float | None:
-        """(max - min) / median, the spread the tables show next to the median."""
-        return (self.hi - self.lo) / self.median if self.median else None
-
 
 @dataclass(frozen=True)
 class Decomposition:
@@ -196,11 +191,6 @@ class Decomposition:
     d_ln_energy: float
     d_ln_power: float
     d_ln_time: float
-
-    @property
-    def power_share(self) -> float | None:
-        """Fraction of the log change due to power (None when the energy did not change)."""
-        return self.d_ln_power / self.d_ln_energy if self.d_ln_energy else None
 
 
 @dataclass(frozen=True)
@@ -234,10 +224,6 @@ class ConfigSummary:
     invalid_reasons: tuple[str, ...] = ()
     #: Median relative standard uncertainty of one repetition's EPI, in percent (meter and accuracy).
     epi_uncertainty_pct: float | None = None
-
-    @property
-    def is_baseline(self) -> bool:
-        return self.experts == 0
 
 
 @dataclass(frozen=True)
@@ -500,10 +486,6 @@ def fmt(value: float | None, spec: str = ".4g", suffix: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
 
 
-def fmt_signed(value: float | None, spec: str = "+.1f", suffix: str = "") -> str:
-    return fmt(value, spec, suffix)
-
-
 def fmt_spread(s: Spread | None, spec: str = ".4g") -> str:
     if s is None:
         return "–"
@@ -529,11 +511,11 @@ def _result_row(c: ConfigSummary) -> tuple[str, ...]:
         c.strategy or "–",
         f"{c.valid}/{c.repetitions}",
         fmt_spread(c.jpt),
-        fmt_signed(c.jpt_change_pct, "+.1f", "%"),
+        fmt(c.jpt_change_pct, "+.1f", "%"),
         fmt_spread(_pct(c.accuracy), ".1f"),
-        fmt_signed(c.accuracy_change_pts, "+.2f"),
+        fmt(c.accuracy_change_pts, "+.2f"),
         fmt_spread(c.epi),
-        fmt_signed(c.epi_change_pct, "+.1f", "%"),
+        fmt(c.epi_change_pct, "+.1f", "%"),
         fmt(c.epi_uncertainty_pct, ".1f", "%"),
     )
 
@@ -575,8 +557,8 @@ def tables(a: Analysis) -> list[Table]:
             TARGET_TITLES.get(target, target),
             c.config_id,
             fmt(d.epi_optimal_value),
-            fmt_signed(c.epi_change_pct, "+.1f", "%"),
-            fmt_signed(c.accuracy_change_pts, "+.2f"),
+            fmt(c.epi_change_pct, "+.1f", "%"),
+            fmt(c.accuracy_change_pts, "+.2f"),
             str(d.epi_optimal),
             "–" if d.accuracy_optimal is None else str(d.accuracy_optimal),
         ))
@@ -585,7 +567,7 @@ def tables(a: Analysis) -> list[Table]:
         c = min(ranked, key=lambda c: c.epi.median)  # type: ignore[union-attr]
         best_rows.append((
             "Overall", c.config_id, fmt(c.epi.median if c.epi else None),
-            fmt_signed(c.epi_change_pct, "+.1f", "%"), fmt_signed(c.accuracy_change_pts, "+.2f"),
+            fmt(c.epi_change_pct, "+.1f", "%"), fmt(c.accuracy_change_pts, "+.2f"),
             str(c.experts), "–",
         ))
     if best_rows:
@@ -609,10 +591,10 @@ def decomposition_table(a: Analysis) -> Table:
             continue
         rows.append((
             c.config_id,
-            fmt_signed(c.jpt_change_pct, "+.2f", "%"),
-            fmt_signed(d.d_ln_energy * 100, "+.2f"),
-            fmt_signed(d.d_ln_power * 100, "+.2f"),
-            fmt_signed(d.d_ln_time * 100, "+.2f"),
+            fmt(c.jpt_change_pct, "+.2f", "%"),
+            fmt(d.d_ln_energy * 100, "+.2f"),
+            fmt(d.d_ln_power * 100, "+.2f"),
+            fmt(d.d_ln_time * 100, "+.2f"),
         ))
     return Table(
         title="Energy decomposition vs baseline",
