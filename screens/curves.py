@@ -84,6 +84,7 @@ class CurvesScreen(ConsoleScreen):
         plt.clear_data()
         plt.clear_figure()
         any_data = False
+        acc_seen: list[float] = []
         for curve in v.curves:
             if not curve.points:
                 continue
@@ -97,13 +98,16 @@ class CurvesScreen(ConsoleScreen):
             acc = [p.accuracy.median * 100 if p.accuracy is not None else None for p in curve.points]
             if acc and all(a is not None for a in acc):
                 plt.plot(xs, acc, yside="right", color=c, marker="·")
+                acc_seen += [a for a in acc if a is not None]
             for depth, tag in ((curve.epi_optimal, "E"), (curve.accuracy_optimal, "A")):
                 if depth is not None:
                     p = next((p for p in curve.points if p.experts == depth), None)
                     if p is not None:
                         plt.text(tag, depth, p.epi.median, color=c, style="bold")
-        if any_data:
-            plt.ylim(0, 100, yside="right")  # accuracy is a percentage: never an axis past 100 %
+        if acc_seen:
+            # Accuracy is a percentage: the axis never runs past 0..100 %, yet keeps a few points of
+            # margin so the 1-point differences that decide the accuracy-optimal depth stay visible.
+            plt.ylim(max(0.0, min(acc_seen) - 5), min(100.0, max(acc_seen) + 5), yside="right")
         plt.xticks(list(range(0, 9)))
         plt.title("EPI (left, lower is better, bars = spread) · accuracy % (right, ·)"
                   if any_data else "EPI vs experts dropped: waiting for valid results")

@@ -9,9 +9,9 @@ from textual.containers import Container, Horizontal, Vertical
 from textual.widgets import Digits, ProgressBar, Static
 
 from screens.base import ConsoleScreen
-from screens.controllers.dashboard import DashboardView
+from screens.controllers.dashboard import SERVICE_SILENT, DashboardView
 from screens.controllers.fmt import MISSING
-from screens.widgets import NodeTile, show_digits, show_text
+from screens.widgets import NodeTile, pack_parts, show_digits, show_text
 
 
 class DashboardScreen(ConsoleScreen):
@@ -47,6 +47,7 @@ class DashboardScreen(ConsoleScreen):
 
     def render_body(self) -> None:
         app = self.console
+        narrow = self.has_class("-narrow")
         v: DashboardView = app.dashboard_ctl.view(app.state, app.options.clock(), attached=app.options.attached)
         tiles = list(self.query(NodeTile))
         for tile, tv in zip(tiles, v.tiles, strict=False):
@@ -60,13 +61,17 @@ class DashboardScreen(ConsoleScreen):
         energy.append("window ", style="dim")
         energy.append(v.window_j, style="bold")
         energy.append("\n")
-        energy.append("live ", style="dim")
+        if not narrow:
+            energy.append("live ", style="dim")
         energy.append(v.live_jpt if v.live_jpt != MISSING else "— J/tok", style="bold")
         energy.append(f"  {v.window_tokens if v.window_tokens != MISSING else '— tok'}", style="dim")
         show_text(self.query_one("#energy", Static), energy)
         run = Text()
         run.append(v.run_state.upper(), style="bold reverse" if v.run_state not in ("idle", "finished") else "bold")
-        run.append(f"  {v.run_line}")
+        if v.stale == SERVICE_SILENT:
+            run.append(" last known", style="dim")
+        # Narrow: the configuration on its own line, so "rep 1" is never split from its number.
+        run.append(f"\n{v.run_line}" if narrow else f"  {v.run_line}")
         show_text(self.query_one("#run-line", Static), run)
         stage = Text()
         stage.append("stage ", style="dim")
@@ -93,6 +98,8 @@ class DashboardScreen(ConsoleScreen):
         show_text(self.query_one("#ambient", Static), amb)
         meter = Text()
         meter.append("meter ", style="dim")
-        meter.append(v.meter, style="" if v.meter_ok else "bold")
+        width = self.query_one("#meter", Static).content_region.width or 40
+        meter.append(pack_parts(("meter " + v.meter).split(" · "), width)[len("meter "):],
+                     style="" if v.meter_ok else "bold")
         show_text(self.query_one("#meter", Static), meter)
         show_text(self.query_one("#service", Static), Text(v.service, style="dim"))

@@ -24,6 +24,21 @@ def show_text(widget: Static, content: str | Text) -> None:
         widget.update(content, layout=False)
 
 
+def pack_parts(parts: list[str], width: int, sep: str = " · ") -> str:
+    """Join ``parts`` with ``sep``, breaking lines between parts (never inside one) to fit ``width``.
+
+    A status line that wraps at a space can split "bad" from its count; breaking between parts keeps
+    every figure next to its label on a narrow terminal.
+    """
+    lines: list[str] = []
+    for part in parts:
+        if lines and len(lines[-1]) + len(sep) + len(part) <= width:
+            lines[-1] += sep + part
+        else:
+            lines.append(part)
+    return "\n".join(lines)
+
+
 def show_digits(widget: Digits, value: str) -> None:
     """Digits has no glyph for the missing mark; a missing reading shows as dashes, never as 0."""
     if value == MISSING:

@@ -18,6 +18,8 @@ SPARK_CEILING_W = 12.0
 #: Live electrical figures older than this (or with the meter disconnected) are shown as missing:
 #: a frozen number must never pass for a live one.
 STALE_AFTER_S = 3.0
+#: The staleness of a service that stopped publishing: the run's state on screen is its last too.
+SERVICE_SILENT = "lab service not answering"
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ def spark_ceiling(spark: tuple[float | None, ...]) -> float:
 def staleness(live: LiveSnapshot, now: float) -> str:
     """Why the electrical figures are not live, or "" when they are."""
     if live.service.pid and not live.service.alive(now):
-        return "lab service not answering"
+        return SERVICE_SILENT
     m = live.meter
     if not m.connected:
         return "meter disconnected"
