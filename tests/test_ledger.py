@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from epiconsole.ledger import (
+    BUSY_TIMEOUT_S,
     MAX_CHUNK_SPAN_S,
     PRUNE_MARGIN_S,
     SCHEMA_VERSION,
@@ -497,6 +498,33 @@ async def test_events_commands_live_and_provenance_across_processes(ledger, tmp_
         assert await viewer.provenance("trial", 9) is None
     finally:
         await viewer.close()
+
+
+async def test_small_commits_never_block_the_loop_while_the_file_is_locked(ledger, tmp_path):
+    """The loop-thread sample commit never waits for a lock: busy, the worker thread waits instead."""
+    await ledger.insert_samples(block(4))
+    other = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # someone else holds the write lock
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.02)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
+    # Released from the loop itself: a commit blocking the loop would never let this run.
+    asyncio.get_running_loop().call_later(0.3, other.execute, "COMMIT")
+    try:
+        await asyncio.wait_for(ledger.insert_samples(block(4, start=4)), timeout=BUSY_TIMEOUT_S)
+    finally:
+        ticking.cancel()
+        other.close()
+    assert ticks >= 3, "the event loop stalled while the file was locked"
+    assert same(await ledger.read_samples(T0 - 1, T0 + 100), block(8))
+    await ledger.insert_samples(block(4, start=8))  # and the fast path is back
+    assert await ledger.sample_count() == 12
 
 
 async def test_concurrent_writers_in_one_process_do_not_interleave(ledger):
