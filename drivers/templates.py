@@ -16,11 +16,19 @@ def placeholders(template: str) -> set[str]:
     return {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
 
 
+def _word(value: Any) -> str:
+    text = str(value)
+    if "\x00" in text:
+        # sshd and every shell cut a command line at a NUL byte, which would leave a quote open mid-value.
+        raise ValueError(f"a template value may not contain a NUL byte: {text!r}")
+    return shlex.quote(text)
+
+
 def quote_value(value: Any) -> str:
     """One shell word per value; a list or tuple becomes several quoted words."""
     if isinstance(value, list | tuple):
-        return " ".join(shlex.quote(str(v)) for v in value)
-    return shlex.quote(str(value))
+        return " ".join(_word(v) for v in value)
+    return _word(value)
 
 
 def fill(template: str, **values: Any) -> str:

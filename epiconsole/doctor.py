@@ -131,7 +131,9 @@ async def check_host(cfg: LabConfig, name: str, pool: Any, cluster: Any) -> Chec
         return Check(name, False, f"{where} is reachable but has no epiconsole; install the surgeon toolkit "
                      "there: pip install 'epiconsole[surgeon]'")
     if r.exit_status != 0:
-        return Check(name, False, f"{where}: 'uname -r && epiconsole --version' failed ({r.stderr_tail(1) or r.exit_status})")
+        return Check(name, False, f"{where}: 'uname -r && epiconsole --version' failed "
+                     f"({r.stderr_tail(1) or f'status {r.exit_status}'}); run it there by hand and reinstall the "
+                     "surgeon toolkit if it fails: pip install 'epiconsole[surgeon]'")
     kernel, _, version = r.stdout.strip().partition("\n")
     return Check(name, True, f"{where}: kernel {kernel.strip()}, {version.strip()}")
 

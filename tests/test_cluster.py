@@ -127,6 +127,15 @@ async def test_ambient_and_provenance(sim_hosts: SimHosts) -> None:  # noqa: F81
         await bad.ambient_c()
 
 
+def test_fill_quotes_every_value_and_refuses_nul() -> None:
+    assert fill("cat {path}", path="/m/it's here; rm -rf ~") == "cat '/m/it'\"'\"'s here; rm -rf ~'"
+    assert fill("rsync {files} {dest}", files=["/a b", "$(id)"], dest="") == "rsync '/a b' '$(id)' ''"
+    with pytest.raises(ValueError, match="NUL"):
+        fill("echo {v}", v="x\x00; rm -rf ~")
+    with pytest.raises(ValueError, match="format spec"):
+        fill("echo {v!r}", v="x")
+
+
 async def test_placeholder_value_arrives_as_one_literal_argument(sim_hosts: SimHosts) -> None:  # noqa: F811
     value = "x; rm -rf ~"
     res = await sim_hosts.pool.run("pi0", fill("echo {v} && echo done", v=value))
@@ -257,7 +266,7 @@ async def test_session_limit(sim_hosts: SimHosts) -> None:  # noqa: F811
             await asyncio.sleep(0.005)
 
     watcher = asyncio.create_task(watch())
-    await asyncio.gather(*(pool.run("pi1", "sleep 60") for _ in range(5)))  # 0.1 s each at x600
+    await asyncio.gather(*(pool.run("pi1", "sleep 180") for _ in range(5)))  # 0.3 s each at x600
     watcher.cancel()
     assert peak == 2
     await pool.close()
