@@ -3,6 +3,7 @@ a broken lab (every failure says what to do)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -69,3 +70,35 @@ def test_broken_lab_says_what_to_do(env: dict[str, str], tmp_path: Path) -> None
     assert "dllama-api" in by_name["api"]["detail"]
     for c in out["checks"]:
         assert "\n" not in c["detail"]
+
+
+async def test_doctor_names_each_fault_of_a_troubled_lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process against a running simulated lab: a node down, a throttled node and a DGX whose host key
+    changed each fail with their own sentence; the rest of the lab still checks out."""
+    import asyncssh
+
+    from epiconsole import config
+    from epiconsole.doctor import run_checks
+    from epiconsole.sim.lab import SimulatedLab
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    base = dataclasses.replace(config.sim_defaults(), sim=dataclasses.replace(config.sim_defaults().sim,
+                                                                                time_scale=600.0))
+    async with SimulatedLab(base, tmp_path / "lab") as lab:
+        assert lab.config is not None and lab.state is not None
+        impostor = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().split()
+        dgx = lab.config.hosts["dgx"]
+        wrong = tmp_path / "dgx_known_hosts"
+        wrong.write_text(f"[127.0.0.1]:{dgx.port} {impostor[0]} {impostor[1]}\n")
+        cfg = dataclasses.replace(lab.config, hosts={**lab.config.hosts,
+                                                     "dgx": dataclasses.replace(dgx, known_hosts=str(wrong))})
+        lab.state.faults.node_down.add("pi2")
+        lab.state.faults.node_throttled.add("pi1")
+        seen: list[str] = []
+        checks = {c.name: c for c in await run_checks(cfg, lambda c: seen.append(c.name))}
+    assert sorted(seen) == sorted(NAMES) and list(checks) == NAMES
+    assert {n for n, c in checks.items() if not c.ok} == {"dgx", "pi1", "pi2"}, checks
+    assert "does not match" in checks["dgx"].detail and "ssh-keygen -R" in checks["dgx"].detail
+    assert "throttled now (arm-frequency-capped, throttled)" in checks["pi1"].detail
+    assert "cannot reach pi2" in checks["pi2"].detail and "powered on" in checks["pi2"].detail
+    assert "simulated" in checks["meter"].detail
