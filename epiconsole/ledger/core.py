@@ -584,20 +584,22 @@ class Ledger:
         outside that cover the window's ends (energy and the export's trace need them).
         """
         self._check_writable()
-        # Markers and chunks are read inside the transaction, so a window marked meanwhile is seen.
+        # The candidates are read outside the write lock (the scan can be long; commits go on
+        # meanwhile). New chunks are newer, so the list stays right. The newest chunk always stays
+        # (it is the open one, or full): chunk ids must never be reused after a reopen, or a
+        # viewer's cursor would skip the new ticks. t_first <= t_last lets the index bound the scan.
+        rows = await self._all(
+            "SELECT id, t_first, t_last, n FROM sample_chunks WHERE t_first < :b AND t_last < :b "
+            "AND id < (SELECT max(id) FROM sample_chunks)",
+            {"b": before_t},
+        )
+        if not rows:
+            return 0
+        arr = np.array(rows, dtype=np.float64)
+        # The windows are read under the lock, so a window marked meanwhile is kept too.
         async with self.transaction():
             keep = [(float(a), float(b)) for a, b in keep_ranges]
             keep += await self._marker_windows()
-            # The newest chunk always stays (it is the open one, or full): chunk ids must never be
-            # reused after a reopen, or a viewer's cursor would skip the new ticks.
-            rows = await self._all(
-                "SELECT id, t_first, t_last, n FROM sample_chunks WHERE t_last < ? "
-                "AND id < (SELECT max(id) FROM sample_chunks)",
-                (before_t,),
-            )
-            if not rows:
-                return 0
-            arr = np.array(rows, dtype=np.float64)
             drop = np.ones(len(rows), dtype=bool)
             for a, b in keep:
                 drop &= ~((arr[:, 1] <= b + PRUNE_MARGIN_S) & (arr[:, 2] >= a - PRUNE_MARGIN_S))
