@@ -201,6 +201,10 @@ def _connect_error(target: SshTarget, exc: BaseException) -> SshError:
             f"{name} ({where}) did not answer within {target.connect_timeout_s:g} s; check that it is powered on "
             f"and on the network, or raise hosts.{name}.connect_timeout_s.",
         )
+    if isinstance(exc, asyncssh.KeyImportError) and "assphrase" in str(exc):
+        # Config files never hold passphrases: an encrypted key is the agent's job.
+        return AuthRefused(name, f"the key file {target.key} for {name} is protected by a passphrase; load it with "
+                                 f"`ssh-add {target.key}` and leave hosts.{name}.key empty so the agent is used.")
     if isinstance(exc, asyncssh.KeyImportError) or (isinstance(exc, OSError) and target.key and
                                                      not Path(target.key).expanduser().is_file()):
         return AuthRefused(name, f"the key file {target.key} for {name} cannot be read ({exc}); fix hosts.{name}.key "
@@ -304,7 +308,7 @@ class SshPool:
                 # Our own deadline (not asyncssh's) so a silent host reads as a timeout, not a lost link.
                 target.connect_timeout_s,
             )
-        except (OSError, asyncssh.Error, TimeoutError) as exc:
+        except (OSError, asyncssh.Error, asyncssh.KeyImportError, TimeoutError) as exc:
             raise _connect_error(target, exc) from None
         conn_box[0] = conn
         return conn

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import re
 
 import aiohttp
 import asyncssh
@@ -23,6 +24,7 @@ from drivers.cluster import (
     wait_api_ready,
 )
 from drivers.ssh import (
+    AuthRefused,
     CommandFailed,
     HostKeyMismatch,
     HostKeyUnknown,
@@ -174,6 +176,24 @@ async def test_unknown_host_is_refused(sim_hosts: SimHosts) -> None:  # noqa: F8
         assert f"`ssh-keyscan -p {t.port} 127.0.0.1 >> {path}`" in str(err.value)
         assert "verify its fingerprint" in str(err.value)
         await pool.close()
+
+
+async def test_unusable_key_files_are_refused_with_a_sentence(sim_hosts: SimHosts) -> None:  # noqa: F811
+    garbage = sim_hosts.dir / "garbage_key"
+    garbage.write_text("not a key\n")
+    encrypted = sim_hosts.dir / "encrypted_key"
+    asyncssh.generate_private_key("ssh-ed25519").write_private_key(encrypted, format_name="pkcs8-pem",
+                                                                   passphrase="secret")
+    cases = [(garbage, "cannot be read"), (encrypted, f"protected by a passphrase; load it with `ssh-add {encrypted}`"),
+             (sim_hosts.dir / "missing_key", "cannot be read")]
+    for key, text in cases:
+        pool = SshPool({"pi1": sim_hosts.target("pi1", key=str(key))})
+        with pytest.raises(AuthRefused, match=re.escape(text)):
+            await pool.run("pi1", "true")
+        await pool.close()
+        h = await cluster_for(sim_hosts, pool=SshPool({**sim_hosts.targets, "pi1": sim_hosts.target(
+            "pi1", key=str(key))})).health("pi1")
+        assert not h.ok and text in (h.error or "")
 
 
 async def test_unreachable_host(sim_hosts: SimHosts) -> None:  # noqa: F811
