@@ -264,6 +264,21 @@ async def test_hangup_kills_unprotected_background_jobs(lab: SimLab, tmp_path: P
     assert m.running() == []
 
 
+async def test_hangup_reaches_jobs_of_nested_shells_unless_detached(lab: SimLab, tmp_path: Path) -> None:
+    """Without job control a nested ``sh -c 'x &'`` job shares the session's process group; under nohup
+    or setsid it ignores the hang-up, as its parent does."""
+    m = machine(lab, tmp_path)
+    shell = Shell(m)
+    io = Io(Source(), NullSink(), NullSink())
+    await shell.run_script("sh -c 'sleep 100000 &'; nohup sh -c 'sleep 100001 &'; setsid bash -c 'sleep 100002 &'",
+                           io)
+    assert await eventually(lambda: len(m.running()) == 3)
+    shell.hangup()
+    assert await eventually(lambda: sorted(p.cmdline for p in m.running()) == ["sleep 100001", "sleep 100002"])
+    await m.shutdown()
+    assert m.running() == []
+
+
 async def test_converters_write_simulated_files(lab: SimLab, tmp_path: Path) -> None:
     dgx = machine(lab, tmp_path, "dgx")
     out = tmp_path / "drop3_late"

@@ -399,18 +399,22 @@ Handler = Callable[["Shell", list[str], Io], Awaitable[int]]
 
 #: The process the running handler belongs to (per task, so concurrent pipeline members do not mix).
 CURRENT: ContextVar[Proc | None] = ContextVar("sim_shell_proc", default=None)
+#: Set under ``setsid``/``nohup``: what runs there (nested shells' background jobs too) ignores a hang-up.
+DETACHED: ContextVar[bool] = ContextVar("sim_shell_detached", default=False)
 
 
 class Shell:
     """Runs command lines on one :class:`Machine` (one instance per session; ``cd`` changes its cwd)."""
 
-    def __init__(self, machine: Machine, cwd: Path | None = None, *, root: bool = False) -> None:
+    def __init__(self, machine: Machine, cwd: Path | None = None, *, root: bool = False,
+                 jobs: list[tuple[asyncio.Task[Any], bool]] | None = None) -> None:
         self.m = machine
         self.lab = machine.lab
         self.cwd = cwd or Path.home()
         self.root = root
-        #: Background jobs started by this shell (a hang-up kills the ones not protected by setsid/nohup).
-        self.jobs: list[tuple[asyncio.Task[Any], bool]] = []
+        #: Background jobs started by this shell and the shells it runs (``sh -c``): without job control
+        #: they share the session's process group, so a hang-up kills the ones not under setsid/nohup.
+        self.jobs: list[tuple[asyncio.Task[Any], bool]] = [] if jobs is None else jobs
 
     # -- paths -----------------------------------------------------------------------------------
 
@@ -456,7 +460,7 @@ class Shell:
         status = 0
         for and_or in lists:
             if and_or.background:
-                protected = and_or.first.commands[0].argv[:1] in (("setsid",), ("nohup",))
+                protected = DETACHED.get() or and_or.first.commands[0].argv[:1] in (("setsid",), ("nohup",))
                 job = self.m.start_job(self._and_or(and_or, io))
                 self.jobs.append((job, protected))
                 status = 0
@@ -672,7 +676,11 @@ async def h_wrapper(sh: Shell, argv: list[str], io: Io) -> int:
     if not args:
         await io.err(f"{argv[0]}: missing operand\n")
         return 1 if argv[0] == "setsid" else 125
-    return await sh.exec(args, io, CURRENT.get())
+    token = DETACHED.set(True)
+    try:
+        return await sh.exec(args, io, CURRENT.get())
+    finally:
+        DETACHED.reset(token)
 
 
 async def h_timeout(sh: Shell, argv: list[str], io: Io) -> int:
@@ -706,7 +714,7 @@ async def h_sh(sh: Shell, argv: list[str], io: Io) -> int:
     if len(argv) < 3 or argv[1] != "-c":
         await io.err(f"{argv[0]}: only '{argv[0]} -c COMMAND' is available here\n")
         return 2
-    sub = Shell(sh.m, sh.cwd, root=sh.root)
+    sub = Shell(sh.m, sh.cwd, root=sh.root, jobs=sh.jobs)
     return await sub.run_script(argv[2], io)
 
 
