@@ -102,3 +102,25 @@ async def test_doctor_names_each_fault_of_a_troubled_lab(tmp_path: Path, monkeyp
     assert "throttled now (arm-frequency-capped, throttled)" in checks["pi1"].detail
     assert "cannot reach pi2" in checks["pi2"].detail and "powered on" in checks["pi2"].detail
     assert "simulated" in checks["meter"].detail
+
+
+async def test_a_lab_that_fails_to_boot_stops_what_it_started(tmp_path: Path) -> None:
+    """``async with SimulatedLab`` never reaches its exit when start fails: start itself must clean up."""
+    import socket
+
+    from drivers.ssh import CommandFailed
+    from epiconsole import config
+    from epiconsole.sim.lab import SimulatedLab
+
+    base = config.sim_defaults()
+    base = dataclasses.replace(base, commands=dataclasses.replace(base.commands, start_root="false"),
+                               sim=dataclasses.replace(base.sim, time_scale=600.0))
+    lab = SimulatedLab(base, tmp_path / "lab")
+    with pytest.raises(CommandFailed, match="start root failed on pi0"):
+        async with lab:
+            pass
+    assert lab.ssh is None and lab.meter is None
+    known = (tmp_path / "lab" / "known_hosts").read_text().split()
+    port = int(known[0].split(":")[1].rstrip("]"))
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass

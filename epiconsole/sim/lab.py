@@ -81,6 +81,14 @@ class SimulatedLab:
         return {"source": source, "profile": profile, "work": work, "models": models}
 
     async def start(self) -> LabConfig:
+        """Start everything; on any failure stop what already runs (``async with`` never reaches its exit)."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> LabConfig:
         from epiconsole.sim.meter import SimMeter
         from epiconsole.sim.ssh import SimSSH
 
