@@ -84,7 +84,9 @@ def test_live_state_of_a_running_service(tmp_path: Path) -> None:
     asyncio.run(build_campaign(path, only=["baseline"], reps=1, finish=None))
     now = time.time()
     snap = LiveSnapshot(
-        service=ServiceLive(pid=4242, host="orchestrator", started=now - 600, heartbeat=now, lab_name="simulated lab",
+        # A heartbeat a minute ahead: however slow this box is between publishing and the two
+        # status calls, the service never reads as stale (5 s) by accident.
+        service=ServiceLive(pid=4242, host="orchestrator", started=now - 600, heartbeat=now + 60, lab_name="simulated lab",
                             simulated=True),
         meter=MeterLive(connected=True, port="/dev/pts/7", rate_hz=10.0, last_sample=now - 0.2, lost_lines=3,
                         bad_lines=1),
