@@ -417,7 +417,7 @@ async def _export_trial(ledger: Any, out: Path, campaign: Any, res: Any, cfg: An
                         gap_limit: float, simulated: bool) -> tuple[TrialExport, int]:
     trial = res.trial
     nnn = f"{trial.rep:03d}"
-    folder = out / trial.config_id
+    folder = _folder(out, trial.config_id)
     await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
     window = _window_of(res) or await ledger.window(trial.id)
     checkpoints = await ledger.checkpoints(trial.id)
@@ -494,6 +494,13 @@ async def _export_trial(ledger: Any, out: Path, campaign: Any, res: Any, cfg: An
     te = TrialExport(trial.config_id, trial.rep, trial.status, trial.valid, tuple(sorted(files)), complete,
                      total, traced)
     return te, len(files)
+
+
+def _folder(out: Path, config_id: str) -> Path:
+    """``out/<config_id>``, refusing an id that is not one plain folder name (``..`` would write outside)."""
+    if config_id in ("", ".", "..") or any(c in config_id for c in "/\\\0"):
+        raise UserError(f"The configuration id {config_id!r} cannot name a folder; rename it in the plan and export again.")
+    return out / config_id
 
 
 def _trace_arrays(trace: Trace) -> dict[str, tuple[np.ndarray, np.ndarray]]:

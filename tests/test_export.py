@@ -211,6 +211,19 @@ async def test_re_export_of_another_campaign_leaves_no_stale_repetitions(tmp_pat
     assert verify(out) == (1, [])
 
 
+async def test_a_configuration_id_that_is_no_folder_name_never_writes_outside(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    async with await Ledger.open(path) as ledger:
+        cid = await ledger.create_campaign("p", {}, "d", False, {})
+        [trial] = await ledger.ensure_trials(cid, [{"config_id": "..", "rep": 1}])
+        await ledger.set_trial(trial.id, status="failed", valid=False, reasons=["deploy failed"])
+    out = tmp_path / "a" / "out"
+    async with await Ledger.open(path, readonly=True) as ledger:
+        with pytest.raises(UserError, match="cannot name a folder"):
+            await export_campaign(ledger, out, cfg=None)
+    assert not list((tmp_path / "a").glob("run_*"))
+
+
 async def test_unfinished_campaign_exports_what_exists(tmp_path: Path) -> None:
     pending = {("drop1_all", 2), ("drop1_all", 3)}
     built = await build_campaign(tmp_path / "ledger.sqlite", only=["baseline", "drop1_all"], pending=pending, finish=None)
