@@ -110,17 +110,28 @@ async def test_a_lab_that_fails_to_boot_stops_what_it_started(tmp_path: Path) ->
 
     from drivers.ssh import CommandFailed
     from epiconsole import config
-    from epiconsole.sim.lab import SimulatedLab
+    from epiconsole.sim.lab import SimStartError, SimulatedLab
 
     base = config.sim_defaults()
     base = dataclasses.replace(base, commands=dataclasses.replace(base.commands, start_root="false"),
                                sim=dataclasses.replace(base.sim, time_scale=600.0))
     lab = SimulatedLab(base, tmp_path / "lab")
-    with pytest.raises(CommandFailed, match="start root failed on pi0"):
+    with pytest.raises(SimStartError, match="did not start: start root failed on pi0") as err:
         async with lab:
             pass
+    assert isinstance(err.value.__cause__, CommandFailed)
     assert lab.ssh is None and lab.meter is None
     known = (tmp_path / "lab" / "known_hosts").read_text().split()
     port = int(known[0].split(":")[1].rstrip("]"))
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass
+
+
+def test_doctor_sim_that_cannot_boot_is_one_sentence(env: dict[str, str], tmp_path: Path) -> None:
+    cfg = tmp_path / "lab.toml"
+    cfg.write_text("[commands]\nstart_worker = 'false'\n")
+    proc = subprocess.run([sys.executable, "-m", "epiconsole", "doctor", "--sim", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("epiconsole: the simulated lab in ") and "start worker failed on pi1" in proc.stderr
+    assert proc.stderr.count("\n") == 1

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from epiconsole import config as cfgmod
 from epiconsole.config import LabConfig
+from epiconsole.errors import UserError
 from epiconsole.sim.state import SimLab
 
 #: The simulated DGX's source model: a tiny Qwen3-MoE with the real layout (per-expert tensors,
@@ -31,6 +32,10 @@ SIM_TASKS = (
     cfgmod.TaskConfig("epi_arc_local", shots=2),
     cfgmod.TaskConfig("epi_hellaswag_local", shots=1),
 )
+
+
+class SimStartError(UserError):
+    """The simulated lab could not start for a reason the user can fix (said in the message)."""
 
 
 def free_port() -> int:
@@ -81,9 +86,18 @@ class SimulatedLab:
         return {"source": source, "profile": profile, "work": work, "models": models}
 
     async def start(self) -> LabConfig:
-        """Start everything; on any failure stop what already runs (``async with`` never reaches its exit)."""
+        """Start everything; on any failure stop what already runs (``async with`` never reaches its exit).
+
+        A failure a user can cause (a command template that does not boot the cluster, an unwritable
+        directory) becomes a :class:`SimStartError` sentence instead of a traceback."""
+        from drivers.cluster import ApiNotReady, SensorError
+        from drivers.ssh import SshError
+
         try:
             return await self._start()
+        except (SshError, ApiNotReady, SensorError, OSError) as exc:
+            await self.stop()
+            raise SimStartError(f"the simulated lab in {self.dir} did not start: {str(exc).rstrip('.')}.") from exc
         except BaseException:
             await self.stop()
             raise
