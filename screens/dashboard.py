@@ -74,7 +74,8 @@ class DashboardScreen(ConsoleScreen):
         run.append(f"\n{v.run_line}" if narrow else f"  {v.run_line}")
         show_text(self.query_one("#run-line", Static), run)
         stage = Text()
-        stage.append("stage ", style="dim")
+        if not narrow:  # 25 columns: the stage's name and its time matter more than the label
+            stage.append("stage ", style="dim")
         stage.append(v.stage, style="bold")
         if v.countdown:
             stage.append(f"  {v.countdown}")

@@ -353,3 +353,24 @@ def test_benchmark_badge_never_clipped() -> None:
         assert len(cell.badge) <= BADGE_WIDTH
     paused = cell_for(r, RunLive(state="paused", config_id="c", repetition=1, stage="benchmark", stage_progress=0.5))
     assert paused.badge == "‖ BENCH"
+
+
+def test_log_shortens_full_repr_floats_only() -> None:
+    from screens.controllers.log import short_floats
+
+    msg = "drop2_all rep 1: 1.5599178442963393 J/token, accuracy 0.8000000000000002, EPI 1.9498973053704238"
+    assert short_floats(msg) == "drop2_all rep 1: 1.56 J/token, accuracy 0.8, EPI 1.95"
+    # Versions, short figures and identifiers stay as written.
+    assert short_floats("epiconsole 0.1.0, 3.25 W, sha 1.23456789abc") == "epiconsole 0.1.0, 3.25 W, sha 1.23456789abc"
+
+
+async def test_paused_matrix_says_so_and_has_no_eta(lab_ledger: Path) -> None:
+    import dataclasses
+
+    src, state = await _state(lab_ledger)
+    await src.close()
+    paused = dataclasses.replace(state, live=dataclasses.replace(
+        state.live, run=dataclasses.replace(state.live.run, state="paused")))
+    v = MatrixController().view(paused)
+    assert v.current.startswith("PAUSED at ") and v.eta == "—"
+    assert MatrixController().view(state).eta == "4h 23m"

@@ -3,6 +3,7 @@ level and text."""
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,6 +17,16 @@ if TYPE_CHECKING:
 LEVELS = ("debug", "info", "warning", "error")
 BUFFER = 5000
 
+
+
+#: A float printed with its full repr (``1.5599178442963393``): seven or more decimals.
+_LONG_FLOAT = re.compile(r"(?<![\w.])-?\d+\.\d{7,}(?![\w.])")
+
+
+def short_floats(message: str) -> str:
+    """Shorten full-repr floats in an event message to 4 significant digits (``0.8000000000000002`` reads
+    as ``0.8``); the ledger keeps the message as written."""
+    return _LONG_FLOAT.sub(lambda m: f"{float(m.group()):.4g}", message)
 
 @dataclass(frozen=True)
 class LogLine:
@@ -71,7 +82,7 @@ class LogController:
         return True
 
     def line(self, e: Event) -> LogLine:
-        return LogLine(e.id, fmt.clock(e.t), e.level, e.kind, e.message)
+        return LogLine(e.id, fmt.clock(e.t), e.level, e.kind, short_floats(e.message))
 
     def view(self) -> LogView:
         lines = tuple(self.line(e) for e in self._events if self.matches(e))

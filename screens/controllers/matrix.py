@@ -188,6 +188,8 @@ class MatrixController:
         camp = state.campaign
         if run.config_id and run.state in ACTIVE_RUN_STATES:
             current = f"{run.config_id} rep {max(1, run.repetition)} · {run.stage or '…'}"
+            if run.state != "running":  # paused, suspended, …: say so before what it stopped at
+                current = f"{run.state.upper()} at {current}"
         elif run.state in ACTIVE_RUN_STATES:
             current = f"{run.state}: preparing the first configuration"
         elif camp and camp.exit_status:
@@ -206,7 +208,8 @@ class MatrixController:
             progress=progress,
             progress_text=f"{finished}/{total} repetitions" if total else "no repetitions",
             planned_only=not state.results and bool(rows),
-            eta=fmt.duration(run.eta_s) if run.state in ACTIVE_RUN_STATES else fmt.MISSING,
+            # A paused or suspended run has no meaningful ETA (it waits for a person or a condition).
+            eta=fmt.duration(run.eta_s) if run.state in ("running", "pausing", "aborting") else fmt.MISSING,
             current=current,
             rows=tuple(rows),
             reps=reps,
