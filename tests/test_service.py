@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from epiconsole.ledger import Ledger
+from epiconsole.ledger import Ledger, LedgerError
 from epiconsole.live import LiveSnapshot
 from epiconsole.service import ServiceLock, ServiceRunning
 
@@ -74,7 +74,14 @@ async def test_viewer_sees_live_state_and_pause_takes_effect_at_the_next_boundar
             return ledger_path.exists() and ServiceLock.holder(ledger_path) == proc.pid
 
         await until(opened, what="the service to hold its lock")
-        ledger = await Ledger.open(ledger_path, readonly=True)
+
+        async def readable():
+            try:
+                return await Ledger.open(ledger_path, readonly=True)
+            except LedgerError:  # the service is creating the schema right now
+                return None
+
+        ledger = await until(readable, what="the ledger's schema")
 
         async def alive():
             snap = await live(ledger)
@@ -102,8 +109,9 @@ async def test_viewer_sees_live_state_and_pause_takes_effect_at_the_next_boundar
         run = await until(in_stage, what="a measurement stage")
         assert run.campaign_id == campaign_id and run.trials_total == 4
         pause = await ledger.put_command("pause")
-        t_pause = time.time()
-        assert (await ledger.wait_command(pause, 30)).ok
+        done = await ledger.wait_command(pause, 30)
+        assert done.ok
+        t_pause = done.t_done  # when the service took the request (it polls its commands)
 
         async def paused():
             s = await live(ledger)
