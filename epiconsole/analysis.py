@@ -73,8 +73,13 @@ class Repetition:
 
     @property
     def usable(self) -> bool:
-        """Counts in the summaries: finished, judged valid, with an EPI figure."""
-        return self.status == "done" and self.valid is True and self.epi is not None
+        """Counts in the summaries: finished, judged valid, with J/token and accuracy.
+
+        Not "with an EPI figure": a valid repetition scoring 0 has no EPI (division by zero), yet
+        its accuracy and J/token are real and belong in the medians (a broken prune must show 0 %,
+        not vanish from the tables).
+        """
+        return self.status == "done" and self.valid is True and self.jpt is not None and self.accuracy is not None
 
     @property
     def judged_invalid(self) -> bool:

@@ -194,7 +194,7 @@ def result(config_id: str, rep: int, *, experts: int = 0, target: str | None = N
     if status != "done":
         return TrialResult(trial, None, None)
     jpt = None if joules is None else joules / tokens
-    value = None if jpt is None or acc is None else jpt / acc
+    value = None if jpt is None or not acc else jpt / acc  # no EPI at accuracy 0, as epi.epi
     epi = {
         "energy": {"total_joules": joules, "total_tokens": tokens, "joules_per_token": jpt,
                    "duration_seconds": seconds, "avg_watts_cluster": None if joules is None else joules / seconds},

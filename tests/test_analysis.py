@@ -227,3 +227,18 @@ def test_a_task_without_a_reported_stderr_takes_the_binomial_one_from_its_item_c
     assert rep.accuracy_stderr == pytest.approx(math.sqrt(0.05**2 + 0.02**2) / 2)  # sqrt(0.25 / 100) = 0.05
     del r.benchmark["task_details"]
     assert repetitions([r])[0].accuracy_stderr is None  # no stderr and no item count: unknown, not 0
+
+
+def test_a_valid_repetition_scoring_zero_keeps_its_accuracy_and_energy_in_the_tables() -> None:
+    """Accuracy 0 leaves EPI undefined, but the 0 % and the J/token are real: they are shown."""
+    res = [result("baseline", k, acc=0.76) for k in (1, 2, 3)]
+    res += [result("drop8_all", k, experts=8, target="all", ord_=1, acc=0.0, joules=900.0) for k in (1, 2, 3)]
+    a = analyze(res)
+    c = a.config("drop8_all")
+    assert c.valid == 3 and c.accuracy is not None and c.accuracy.median == 0.0
+    assert c.jpt is not None and c.jpt.median == pytest.approx(0.9) and c.epi is None
+    assert c.accuracy_change_pts == pytest.approx(-76.0)
+    row = next(r for r in a.tables[0].rows if r[1] == "drop8_all")
+    assert row[3] == "3/3" and row[6] == "0.0" and row[8] == "–"
+    assert next(d for d in a.depths if d.target == "all").accuracy_optimal == 0
+    assert a.counts["valid"] == 6

@@ -118,7 +118,7 @@ def _best(results: list[Any]) -> dict[str, Any] | None:
     """Lowest EPI among valid repetitions so far (configurations are summarised by the analysis)."""
     from epiconsole.analysis import repetitions
 
-    reps = [r for r in repetitions(results) if r.usable]
+    reps = [r for r in repetitions(results) if r.usable and r.epi is not None]
     if not reps:
         return None
     best = min(reps, key=lambda r: r.epi)  # type: ignore[arg-type,return-value]
