@@ -528,9 +528,11 @@ def consistency(doc: Mapping[str, Any], traced: float | None) -> dict[str, Any]:
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
     agreement = None if traced is None or not total else abs(traced - total) / abs(total)
+    # At accuracy 0 EPI is undefined: a missing value is then the consistent one.
+    epi_ok = (value is None) if composite == 0.0 else close(value, jpt / composite if jpt is not None and composite else None)
     return {
         "jpt_is_joules_over_tokens": close(jpt, total / tokens if total is not None and tokens else None),
-        "epi_is_jpt_over_accuracy": close(value, jpt / composite if jpt is not None and composite else None),
+        "epi_is_jpt_over_accuracy": epi_ok,
         "trace_agreement": agreement,
         "trace_within_1pct": None if agreement is None else agreement <= TRACE_TOLERANCE,
     }

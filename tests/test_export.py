@@ -343,3 +343,13 @@ def test_trace_device_time_follows_the_board_when_host_times_swap() -> None:
     expected = (trace.ms - 500) / 1000.0  # device seconds from the window start (tick 5)
     assert np.allclose(trace.device_s, expected, atol=2e-3)
     assert bool(np.all(np.diff(trace.device_s) > 0))
+
+
+def test_consistency_at_accuracy_zero_expects_no_epi() -> None:
+    from epiconsole.export import consistency
+
+    doc = {"energy": {"total_joules": 900.0, "total_tokens": 1000, "joules_per_token": 0.9},
+           "accuracy": {"composite": 0.0}, "epi": {"value": None}}
+    c = consistency(doc, 900.0)
+    assert c["epi_is_jpt_over_accuracy"] is True and c["jpt_is_joules_over_tokens"] is True
+    assert consistency({**doc, "epi": {"value": 5.0}}, 900.0)["epi_is_jpt_over_accuracy"] is False
