@@ -35,7 +35,7 @@ STAGES = CONFIG_STAGES + REP_STAGES
 #: published "pruning breaks the model" experiments did. The strategy is recorded with every result.
 DEFAULT_STRATEGY: dict[str, Strategy] = {"all": "remove", "early": "zero", "late": "zero"}
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # never "." or "..": ids name export folders
 
 
 @dataclass(frozen=True)

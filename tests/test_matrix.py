@@ -60,6 +60,7 @@ def test_custom_plan(tmp_path: Path) -> None:
         ('[plan]\nrepetitions = 0\nexperts = [1]', "plan.repetitions"),
         ('[plan]\nbogus = 1', "plan.bogus"),
         ('[plan]\nbaseline = false', "plan"),
+        ('[[plan.configuration]]\nid = ".."', "plan.configuration.id"),
     ],
 )
 def test_bad_plans(tmp_path: Path, text: str, key: str) -> None:
