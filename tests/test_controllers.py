@@ -47,7 +47,7 @@ async def test_dashboard_view_from_ledger(lab_ledger: Path) -> None:
     assert v.tiles[2].health == "warn" and "THROTTLED" in v.tiles[2].throttle
     assert v.tiles[0].health == "ok"
     assert v.stage == "benchmark" and v.stage_progress == pytest.approx(0.42)
-    assert v.countdown == "2m 42s"
+    assert v.countdown == "2m 42s left"
     assert v.trials == "42/75"
     assert "lost 3" in v.meter and not v.meter_ok
     assert v.tiles[0].spark and len(v.tiles[0].spark) <= 60

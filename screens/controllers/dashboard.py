@@ -207,7 +207,8 @@ class DashboardController:
         if cluster is None and tiles and all(t.watts_value is not None for t in tiles):
             cluster = sum(t.watts_value or 0.0 for t in tiles)
         run_line = f"{run.config_id} · rep {run.repetition}" if run.config_id else "no configuration running"
-        countdown = fmt.duration(run.stage_eta - now) if run.stage and run.stage_eta and run.stage_eta > now else ""
+        countdown = (f"{fmt.duration(run.stage_eta - now)} left" if run.stage and run.stage_eta and run.stage_eta > now
+                     else "")
         if not countdown and run.stage and run.stage_started:
             countdown = f"{fmt.duration(now - run.stage_started)} in stage"
         meter, meter_ok = meter_line(live)
