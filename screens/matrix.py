@@ -196,10 +196,7 @@ class MatrixDetailScreen(Screen[None]):
 
         app = cast(EpiConsoleApp, self.app)
         self.query_one("#detail-side").border_title = "Repetition"
-        self.query_one(TopBar).show(
-            "Matrix › detail", app.state.live.service.lab_name, app.simulated, not app.options.allow_control,
-            app.state.live.run.state, app.problem, app.theme_variables.get("badge-sim", "orange"),
-        )
+        self._show_top_bar()
         try:
             source = await app.open_source()
             self.detail = await load_detail(source, app.state, self.trial_id, dict(app.options.channels))
@@ -256,7 +253,22 @@ class MatrixDetailScreen(Screen[None]):
         plt.xlabel("s from window begin")
         plot.refresh()
 
+    def _show_top_bar(self) -> None:
+        from typing import cast
+
+        from screens.app import EpiConsoleApp
+
+        app = cast(EpiConsoleApp, self.app)
+        self.query_one(TopBar).show(
+            "Matrix › detail", app.state.live.service.lab_name, app.simulated, not app.options.allow_control,
+            app.state.live.run.state, app.problem, app.theme_variables.get("badge-sim", "orange"),
+        )
+
     def render_state(self) -> None:
-        """Detail data is a one-off read; only a theme change redraws it (the trace's colours)."""
+        """Detail data is a one-off read; only a theme change redraws it (the trace's colours). The top
+        bar follows the live state (run state, a service that stops answering)."""
+        if not self.is_mounted:
+            return
+        self._show_top_bar()
         if self.detail is not None and self.app.theme != self._drawn_theme:
             self._draw()

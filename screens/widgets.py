@@ -143,7 +143,7 @@ class NodeTile(Vertical):
     NodeTile .unit { width: auto; padding: 1 0 0 1; text-style: bold; }
     NodeTile .line { height: 1; text-wrap: nowrap; text-overflow: ellipsis; }
     NodeTile PowerSpark { margin-top: 1; }
-    NodeTile .spark-caption { height: 1; color: $foreground 60%; }
+    NodeTile .spark-caption { height: 1; color: $foreground 60%; text-wrap: nowrap; text-overflow: ellipsis; }
     """
 
     #: Sparklines (3 minutes wide) redraw at most once a second: faster adds CPU, not information.
@@ -199,6 +199,7 @@ class NodeTile(Vertical):
         self._spark_at = now
         spark.set_data(v.spark, v.spark_ceiling)
         seen = [w for w in v.spark if w is not None]
-        caption = (f"3 min · 0–{v.spark_ceiling:.0f} W scale · {min(seen):.1f}–{max(seen):.1f} W" if seen
+        # The range first: on a narrow tile the ellipsis cuts the scale note, never the figures.
+        caption = (f"{min(seen):.1f}–{max(seen):.1f} W in 3 min · scale 0–{v.spark_ceiling:.0f} W" if seen
                    else "no recent samples")
         show_text(self.query_one(".spark-caption", Static), caption)
