@@ -270,3 +270,19 @@ async def test_skipping_the_configuration_being_built_interrupts_its_build(ledge
     assert trials["baseline"].valid and trials["drop1_all"].status == "skipped"
     anchor = trials["drop1_all"].id
     assert (await ledger.stage_status(anchor))["validate"].status == "discarded"
+
+
+async def test_the_configuration_after_a_skipped_one_is_still_built_ahead(ledger, tmp_path):
+    actions = FakeActions()
+    actions.hold["benchmark"] = asyncio.Event()
+    engine, events = make_engine(ledger, tmp_path, actions)
+    cid = await engine.open(small_plan(configs=4, reps=1))
+    task = asyncio.create_task(engine.run())
+    await wait_for(lambda: ("convert", "drop1_all") in actions.calls)  # built while baseline measures
+    engine.skip("drop1_all")
+    actions.hold["benchmark"].set()
+    assert await asyncio.wait_for(task, 5) == FINISHED
+    statuses = [t.status for t in await ledger.trials(cid)]
+    assert statuses == ["done", "skipped", "done", "done"]
+    background = {e.data["config_id"] for e in events if e.event == "stage" and e.data.get("background")}
+    assert "drop1_late" in background  # built while drop1_early was measured

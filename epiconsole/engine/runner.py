@@ -374,6 +374,8 @@ class Engine:
             trial = todo[0]
             config = self.plan.get(trial.config_id)
             if config.id in self._skip:
+                if self._build is not None and self._build[0] == config.id:
+                    await self._stop_build()  # its build is of no use now (and must not block the next)
                 await self._mark_config(trials, config.id, "skipped", "skipped by the operator")
                 continue
             if self._prepared is None:
