@@ -4,10 +4,14 @@ Design
     * A host is a plain :class:`SshTarget` (address, port, user, key, known_hosts, timeouts); the
       drivers never read the lab config themselves.
     * :class:`SshPool` keeps one connection per host (keepalive on, reconnect on demand) and limits the
-      sessions open on it at once with an ``asyncio.Semaphore`` (OpenSSH's ``MaxSessions`` is 10).
+      sessions open on it at once with an ``asyncio.Semaphore`` (OpenSSH's ``MaxSessions`` is 10). The
+      wait for a free session counts against a command's timeout. A refused channel or terminal is the
+      host's answer on a live connection, which is kept (with the commands running over it); a link that
+      drops under a running command raises :class:`HostUnreachable`, never a result without a status.
     * Host keys are always checked against the target's known_hosts file. An unknown host and a changed
       key are refused with a sentence that says how to fix it. Only public keys and the agent are used;
-      password and keyboard-interactive authentication are switched off.
+      password and keyboard-interactive authentication are switched off, and a passphrase-protected key
+      file is refused with a pointer to ``ssh-add`` (no passphrase is ever read from the config).
     * Commands reach the remote login shell as one string. Templates are filled by :func:`drivers.templates.fill`, which
       shell-quotes every value (the lab config uses the same function), so ``x; rm -rf ~`` arrives
       as one literal argument.
