@@ -477,16 +477,22 @@ class RemoteStream:
         """Open the session (done by the first iteration step when not called)."""
         if self._proc is not None or self._finished:
             return self
-        sem = self.pool._sessions[self.name]
-        await sem.acquire()
+        loop = asyncio.get_running_loop()
+        # The timeout covers the wait for a free session too, as in SshPool.run.
+        self._deadline = None if self.timeout is None else loop.time() + self.timeout
+        try:
+            await asyncio.wait_for(self.pool._sessions[self.name].acquire(), self.timeout)
+        except TimeoutError:
+            self._finished = True
+            raise SshTimeout(self.name, f"`{_short(self.command)}` found no free session on {self.name} within "
+                                        f"{self.timeout:g} s (all are busy with long commands); wait for them or "
+                                        f"cancel one.") from None
         self._held = True
         try:
             self._proc, self.pty = await self.pool._process(self.name, self.command, self.pty)
         except BaseException:
             self._release()
             raise
-        loop = asyncio.get_running_loop()
-        self._deadline = None if self.timeout is None else loop.time() + self.timeout
         if not self.pty:
             self._stderr_task = asyncio.create_task(self._read_stderr(), name=f"ssh-stderr-{self.name}")
         return self

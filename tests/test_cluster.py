@@ -420,5 +420,10 @@ async def test_waiting_for_a_free_session_is_bounded(sim_hosts: SimHosts) -> Non
         assert await busy.__anext__() == "busy"
         with pytest.raises(SshTimeout, match="found no free session on pi2 within 0.3 s"):
             await pool.run("pi2", "true", timeout=0.3)
+        waiting = pool.stream("pi2", "echo never", timeout=0.3)
+        with pytest.raises(SshTimeout, match="found no free session on pi2 within 0.3 s"):
+            await waiting.__anext__()
+        assert waiting.finished and [line async for line in waiting] == []
     assert (await pool.run("pi2", "echo free", timeout=10)).stdout == "free\n"
+    assert [line async for line in pool.stream("pi2", "echo free", timeout=10)] == ["free"]
     await pool.close()
