@@ -78,13 +78,16 @@ async def check_meter(cfg: LabConfig) -> Check:
                 if isinstance(ev, MeterSample):
                     samples += 1
 
-        counter = asyncio.create_task(count())
+        counter = asyncio.create_task(count(), name="doctor-meter-samples")
         try:
-            info = await meter.info(timeout=3.0)
-        except (MeterError, TimeoutError):
-            info = None
-        await asyncio.sleep(METER_LISTEN_S)
-        counter.cancel()
+            try:
+                info = await meter.info(timeout=3.0)
+            except (MeterError, TimeoutError):
+                info = None
+            await asyncio.sleep(METER_LISTEN_S)
+        finally:
+            counter.cancel()
+            await asyncio.gather(counter, return_exceptions=True)
         st = meter.status()
         if info is None:
             return Check("meter", False, f"{cfg.meter.port} opened but the board does not answer 'info'; "
