@@ -205,8 +205,9 @@ class EpiConsoleApp(App[None]):
             try:
                 state = await self.refresh_data(with_results=self._polls % self.options.results_every == 0)
                 problem = self._service_problem(state)
-            except (UserError, sqlite3.Error, OSError) as exc:
-                # A missing or locked ledger is a visible state, never a crash; keep trying.
+            except (UserError, sqlite3.Error, OSError, ValueError) as exc:
+                # A missing or locked ledger (or a live row caught mid-write: bad JSON) is a visible state,
+                # never a crash; keep trying.
                 problem = self._service_problem(None) or f"ledger unreadable: {exc}"[:120]
             if problem != self.problem:
                 self.problem = problem
