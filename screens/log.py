@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -59,13 +60,18 @@ class LogScreen(ConsoleScreen):
         self._shown_key = (ctl.last_id, filters)
         vars_ = self.app.theme_variables
         for line in new:
-            t = Text()
-            t.append(f"{line.time} ", style="dim")
             style = LEVEL_STYLE.get(line.level, "")
-            t.append(f"{line.level.upper():<7} ", style=f"bold {vars_.get(style, style)}")
-            t.append(f"{line.kind:<15} ", style="bold")
-            t.append(line.message)
-            log.write(t)
+            # A grid row per event: a long message wraps under itself (hanging indent), not under the
+            # timestamp, so the columns stay readable on an 80-column terminal.
+            row = Table.grid(padding=(0, 1), expand=True)
+            row.add_column(width=8, no_wrap=True)
+            row.add_column(width=7, no_wrap=True)
+            row.add_column(width=15, no_wrap=True, overflow="ellipsis")
+            row.add_column(ratio=1)
+            row.add_row(Text(line.time, style="dim"),
+                        Text(line.level.upper(), style=f"bold {vars_.get(style, style)}"),
+                        Text(line.kind, style="bold"), Text(line.message))
+            log.write(row)
 
     def action_cycle_level(self) -> None:
         self.console.log_ctl.cycle_level()
