@@ -71,7 +71,7 @@ class LogScreen(ConsoleScreen):
             row.add_row(Text(line.time, style="dim"),
                         Text(line.level.upper(), style=f"bold {vars_.get(style, style)}"),
                         Text(line.kind, style="bold"), Text(line.message))
-            log.write(row)
+            log.write(row, expand=True)
 
     def action_cycle_level(self) -> None:
         self.console.log_ctl.cycle_level()
