@@ -271,6 +271,8 @@ async def test_dashboard_view_of_faults(lab_ledger: Path, tmp_path: Path) -> Non
     assert not v.meter_ok and v.meter.startswith("DISCONNECTED")
     assert v.ambient_ok is False and v.suspender == "node pi1 unreachable"
     assert v.stage_progress is None
+    # A suspended run's clocks stop: no falling countdown, no ETA; how long it has been suspended instead.
+    assert v.countdown == "suspended 40s" and v.eta == "—"
 
 
 def test_resample_leaves_bins_before_the_first_sample_empty() -> None:

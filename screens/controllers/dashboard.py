@@ -20,6 +20,8 @@ SPARK_CEILING_W = 12.0
 STALE_AFTER_S = 3.0
 #: The staleness of a service that stopped publishing: the run's state on screen is its last too.
 SERVICE_SILENT = "lab service not answering"
+#: Run states in which stage countdowns and the campaign ETA mean something.
+MOVING_RUN_STATES = frozenset({"running", "pausing", "aborting"})
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,11 @@ class DashboardController:
                      else "")
         if not countdown and run.stage and run.stage_started:
             countdown = f"{fmt.duration(now - run.stage_started)} in stage"
+        moving = run.state in MOVING_RUN_STATES
+        if not moving and run.state in ("paused", "suspended"):
+            # The clocks stop with the run: a countdown that kept falling would promise an end that is not coming.
+            since = f" {fmt.duration(now - run.suspended_since)}" if run.suspended_since else ""
+            countdown = f"{run.state}{since}"
         meter, meter_ok = meter_line(live)
         amb = live.ambient
         svc = live.service
@@ -235,7 +242,7 @@ class DashboardController:
             stage_progress=stage_progress(run, now),
             countdown=countdown,
             trials=f"{run.trials_done}/{run.trials_total}" if run.trials_total else fmt.MISSING,
-            eta=fmt.duration(run.eta_s),
+            eta=fmt.duration(run.eta_s) if moving else fmt.MISSING,
             suspender=run.suspender,
             ambient=fmt.num(amb.temp_c, 1, "°C"),
             ambient_ok=amb.in_band,
