@@ -509,12 +509,20 @@ RESULT_HEADERS = ("Experts dropped", "Configuration", "Strategy", "Valid", "J/to
 TARGET_TITLES = {"all": "All layers", "early": "Early layers only", "late": "Late layers only"}
 
 
+def _valid_cell(c: ConfigSummary) -> str:
+    """``valid/judged``; a configuration with nothing judged yet reads "–", not a failing 0/3."""
+    judged = c.repetitions - c.pending
+    if judged <= 0:
+        return "–"
+    return f"{c.valid}/{judged}"
+
+
 def _result_row(c: ConfigSummary) -> tuple[str, ...]:
     return (
         str(c.experts),
         c.config_id,
         c.strategy or "–",
-        f"{c.valid}/{c.repetitions}",
+        _valid_cell(c),
         fmt_spread(c.jpt),
         fmt(c.jpt_change_pct, "+.1f", "%"),
         fmt_spread(_pct(c.accuracy), ".1f"),
