@@ -184,6 +184,19 @@ def parse_millidegrees(text: str) -> float:
     return int(value) / 1000.0
 
 
+_RSYNC_REMOTE = re.compile(r"^(?:(?P<user>[^@/:]+)@)?(?P<host>[^/:]+|\[[^\]]+\]):(?P<path>.*)$")
+
+
+def check_push(dest: str, files: Sequence[str]) -> None:
+    """Refuse a ``[user@]host:path`` destination or sources that would be unsafe in a ``push`` template."""
+    m = _RSYNC_REMOTE.match(dest)
+    if m is None:
+        _push_destination("the destination", "", "localhost", dest, files)
+        return
+    host = m.group("host").strip("[]")
+    _push_destination(host, m.group("user") or "", host, m.group("path") or ".", files)
+
+
 def _push_destination(node: str, user: str, address: str, dest_dir: str, files: Sequence[str]) -> str:
     """``user@host:dir/`` for the push template, or :class:`UnsafeRemotePath` when a value is unsafe.
 
@@ -192,7 +205,7 @@ def _push_destination(node: str, user: str, address: str, dest_dir: str, files: 
     """
     host = f"[{address}]" if ":" in address else address
     for what, value in (("model directory", dest_dir), ("user", user), ("address", address)):
-        if not _REMOTE_SAFE.match(value) or value.startswith("-"):
+        if value and (not _REMOTE_SAFE.match(value) or value.startswith("-")):
             raise UnsafeRemotePath(node, f"the {what} {value!r} for {node} holds characters that rsync's remote "
                                          f"shell would interpret; use only letters, digits and ._-/ in "
                                          f"[cluster] model_dir and hosts.{node}.")

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from drivers.cluster import check_push
 from drivers.ssh import STDERR_TAIL, RemoteStream, SshPool
 from drivers.templates import fill
 
@@ -157,4 +158,6 @@ class Surgeon:
                         tokenizer_converter=tokenizer_converter, name=name)
 
     def push(self, *, files: list[str], dest: str, timeout: float | None = None) -> SurgeonJob:
+        """Copy ``files`` to ``[user@]host:dir/``; refuses values rsync's remote shell would interpret."""
+        check_push(dest, files)
         return self.job("push", timeout=timeout, files=files, dest=dest)

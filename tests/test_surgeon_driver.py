@@ -115,6 +115,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@pytest.mark.parametrize(("dest", "files"), [
+    ("pi@10.0.0.10:/home/pi/my models/", ["/w/m.m"]),
+    ("pi@10.0.0.10:/home/pi/$(reboot)/", ["/w/m.m"]),
+    ("pi@10.0.0.10:/home/pi/models/", ["-e sh x.sh"]),
+    ("-oProxyCommand=x@h:/d/", ["/w/m.m"]),
+])
+def test_push_refuses_what_the_remote_shell_would_interpret(dest: str, files: list[str]) -> None:
+    from drivers.cluster import UnsafeRemotePath
+    from drivers.ssh import SshPool, SshTarget
+
+    surgeon = Surgeon(SshPool({"dgx": SshTarget("dgx", "127.0.0.1")}), {n: "true" for n in
+                                                                          ("surgery", "validate", "convert", "push")})
+    with pytest.raises(UnsafeRemotePath):
+        surgeon.push(files=files, dest=dest)
+    assert surgeon.push(files=["/w/m.m"], dest="pi@10.0.0.10:/home/pi/models/").command == "true"
+
+
 @pytest.mark.parametrize("template", ["surgery", "validate", "convert", "push"])
 def test_missing_templates_are_named(template: str) -> None:
     from drivers.ssh import SshPool, SshTarget
