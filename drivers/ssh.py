@@ -371,7 +371,7 @@ class SshPool:
         target = self.target(name)
         limit = target.command_timeout_s if timeout is None else timeout
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit
+        start = loop.time()
         sessions = self._sessions[name]
         try:
             # Waiting for a free session counts against the command's time: long streams holding every
@@ -382,10 +382,12 @@ class SshPool:
                 name, f"`{_short(command)}` found no free session on {name} within {limit:g} s (all are busy with "
                       f"long commands); wait for them or cancel one."
             ) from None
+        # Connecting has its own limit (connect_timeout_s); the command gets what the queue left of its own.
+        remaining = max(0.0, limit - (loop.time() - start))
         try:
             proc, _ = await self._process(name, command, pty)
             try:
-                done = await asyncio.wait_for(proc.wait(check=False), max(0.0, deadline - loop.time()))
+                done = await asyncio.wait_for(proc.wait(check=False), remaining)
             except TimeoutError:
                 await _kill(proc)
                 raise SshTimeout(
