@@ -480,8 +480,7 @@ class RemoteStream:
         if self._proc is not None or self._finished:
             return self
         loop = asyncio.get_running_loop()
-        # The timeout covers the wait for a free session too, as in SshPool.run.
-        self._deadline = None if self.timeout is None else loop.time() + self.timeout
+        start = loop.time()
         try:
             await asyncio.wait_for(self.pool._sessions[self.name].acquire(), self.timeout)
         except TimeoutError:
@@ -490,11 +489,14 @@ class RemoteStream:
                                         f"{self.timeout:g} s (all are busy with long commands); wait for them or "
                                         f"cancel one.") from None
         self._held = True
+        queued = loop.time() - start
         try:
             self._proc, self.pty = await self.pool._process(self.name, self.command, self.pty)
         except BaseException:
             self._release()
             raise
+        # As in SshPool.run: the wait for a free session comes out of the timeout, connecting does not.
+        self._deadline = None if self.timeout is None else loop.time() + max(0.0, self.timeout - queued)
         if not self.pty:
             self._stderr_task = asyncio.create_task(self._read_stderr(), name=f"ssh-stderr-{self.name}")
         return self
