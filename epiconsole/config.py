@@ -283,7 +283,7 @@ class LabConfig:
     ui: UiConfig = field(default_factory=UiConfig)
     web: WebConfig = field(default_factory=WebConfig)
     #: Where this config came from ("" for built-in defaults). Not a TOML key.
-    source: str = field(default="", compare=False)
+    source: str = field(default="", compare=False, metadata={"toml": False})
 
     @property
     def simulated(self) -> bool:
@@ -498,9 +498,14 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
+def _toml_fields(cls_or_obj: Any) -> list[dataclasses.Field[Any]]:
+    """Fields that are TOML keys (``LabConfig.source`` records where the file was, it is not a key)."""
+    return [f for f in dataclasses.fields(cls_or_obj) if f.metadata.get("toml", True)]
+
+
 def _build(cls: type, data: Mapping[str, Any], src: str, prefix: str) -> Any:
     hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    fields = {f.name: f for f in _toml_fields(cls)}
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -517,7 +522,7 @@ def _build(cls: type, data: Mapping[str, Any], src: str, prefix: str) -> Any:
 def to_dict(cfg: Any) -> Any:
     """The config as plain data (tuples become lists), e.g. for JSON or a written TOML file."""
     if dataclasses.is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name != "source"}
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in _toml_fields(cfg)}
     if isinstance(cfg, dict):
         return {k: to_dict(v) for k, v in cfg.items()}
     if isinstance(cfg, tuple | list):
@@ -532,9 +537,7 @@ def dumps(cfg: LabConfig) -> str:
     def section(obj: Any, path: list[str]) -> None:
         scalars: list[tuple[str, Any]] = []
         subs: list[tuple[list[str], Any]] = []
-        for f in dataclasses.fields(obj):
-            if f.name == "source":
-                continue
+        for f in _toml_fields(obj):
             v = getattr(obj, f.name)
             if dataclasses.is_dataclass(v):
                 subs.append((path + [f.name], v))

@@ -12,7 +12,6 @@ import pytest
 from epiconsole import config
 from epiconsole.errors import ConfigError
 
-
 ALL_HOSTS = "".join(f"[hosts.{n}]\naddress = '{n}'\n" for n in ("dgx", "pi0", "pi1", "pi2", "pi3"))
 
 
@@ -27,6 +26,17 @@ def test_defaults_round_trip_through_toml(tmp_path: Path) -> None:
     again = config.load_file(write(tmp_path, config.dumps(cfg)))
     assert again == cfg
     assert again.digest() == cfg.digest()
+
+
+def test_every_key_survives_dumps_including_ones_named_source(tmp_path: Path) -> None:
+    import dataclasses
+
+    cfg = dataclasses.replace(
+        config.sim_defaults(), surgery=dataclasses.replace(config.SurgeryConfig(), source="/data/m x"),
+    )
+    again = config.load_file(write(tmp_path, config.dumps(cfg)))
+    assert again.surgery.source == "/data/m x"
+    assert again == cfg and again.source == str(tmp_path / "lab.toml")
 
 
 @pytest.mark.parametrize(
