@@ -152,12 +152,7 @@ class SimProcess:
                 err = await self.proc.stderr.read()
             tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
             raise UserError(f"the simulated lab did not start: {tail[0]}")
-        cfg = cfgmod.load_file(line.decode().strip())
-        # The lab's source model lives in its DGX directory (written by SimulatedLab).
-        tiny = self.dir / "dgx" / "models" / "Qwen3-30B-A3B-tiny"
-        if tiny.is_dir() and cfg.surgery.source == cfgmod.SurgeryConfig().source:
-            cfg = dataclasses.replace(cfg, surgery=dataclasses.replace(cfg.surgery, source=str(tiny)))
-        self.config = sim_config(cfg)
+        self.config = sim_config(cfgmod.load_file(line.decode().strip()))
         return self.config
 
     async def __aexit__(self, *exc: object) -> None:
