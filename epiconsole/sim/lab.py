@@ -19,6 +19,7 @@ from pathlib import Path
 from epiconsole import config as cfgmod
 from epiconsole.config import LabConfig
 from epiconsole.errors import UserError
+from epiconsole.sim.shell import MODEL_LOAD_S
 from epiconsole.sim.state import SimLab
 
 #: The simulated DGX's source model: a tiny Qwen3-MoE with the real layout (per-expert tensors,
@@ -143,7 +144,8 @@ class SimulatedLab:
             hosts=hosts,
             cluster=dataclasses.replace(
                 base.cluster, api_host="127.0.0.1", api_port=free_port(), model_dir=str(world["models"]),
-                api_ready_timeout_s=30.0, api_timeout_s=60.0,
+                # The simulated model load takes MODEL_LOAD_S lab seconds; give it that in real time, twice.
+                api_ready_timeout_s=30.0 + 2 * MODEL_LOAD_S / base.sim.time_scale, api_timeout_s=60.0,
             ),
             surgery=dataclasses.replace(
                 base.surgery, model="Qwen3-30B-A3B", source=str(world["source"]), profile=str(world["profile"]),

@@ -253,7 +253,9 @@ class SimMeter:
         # An answer goes out as soon as the host is there: it asked, so its port is open and set up.
         if self._unplugged or not (self._host_ready() or (answer and self._host_batches > 0)):
             return False
-        if len(self._out) + len(line) > OUT_CAP:
+        # The board buffers OUT_CAP bytes of *device* time; the simulated device clock runs time_scale
+        # faster, so the same device-time buffer is time_scale times larger in real bytes.
+        if len(self._out) + len(line) > OUT_CAP * max(1.0, self.lab.clock.scale):
             self.emitted.dropped_unread += 1
             return False
         self._out += line
