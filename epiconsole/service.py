@@ -99,12 +99,6 @@ def _read_pid(fd: int) -> int:
         return 0
 
 
-def ssh_targets(cfg: Any) -> dict[str, Any]:
-    from drivers.ssh import SshTarget
-
-    return {name: SshTarget(name=name, **dataclasses.asdict(h)) for name, h in cfg.hosts.items()}
-
-
 class LabService:
     """See the module docstring. ``await start()``, then ``await start_campaign(...)``; ``await stop()``."""
 
@@ -138,10 +132,7 @@ class LabService:
     # ------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        from drivers.cluster import Cluster
-        from drivers.epimeter import EpiMeter
-        from drivers.ssh import SshPool
-        from drivers.surgeon import Surgeon
+        from epiconsole import labdrivers
         from epiconsole.engine.lab import LabActions
         from epiconsole.engine.monitor import Monitor
         from epiconsole.ledger import Ledger
@@ -151,19 +142,15 @@ class LabService:
         self.lock.acquire()
         try:
             self.ledger = await Ledger.open(self.ledger_path)
-            self.meter = EpiMeter(cfg.meter.port, cfg.meter.baud, reconnect_max_s=cfg.meter.reconnect_max_s)
+            self.meter = labdrivers.meter(cfg)
             await self.meter.start()
             self.telemetry = Telemetry(self.ledger, self.meter, cfg.meter.channels, flush_s=self.flush_s,
                                        silent_after_s=cfg.meter.silent_after_s,
                                        retention_h=cfg.thresholds.retention_h)
             await self.telemetry.start()
-            self.pool = SshPool(ssh_targets(cfg))
-            templates = dataclasses.asdict(cfg.commands)
-            c = cfg.cluster
-            self.cluster = Cluster(self.pool, templates, nodes=c.nodes, root=c.root, worker_port=c.worker_port,
-                                   api_port=c.api_port, nthreads=c.nthreads, ambient_host=c.ambient_host,
-                                   api_host=c.api_host)
-            self.surgeon = Surgeon(self.pool, templates, host="dgx")
+            self.pool = labdrivers.ssh_pool(cfg)
+            self.cluster = labdrivers.cluster(cfg, self.pool)
+            self.surgeon = labdrivers.surgeon(cfg, self.pool)
             self.monitor = Monitor(cfg, self.cluster, self.telemetry, self.clock)
             await self.monitor.start()
             self.actions = LabActions(cfg, self.ledger, self.cluster, self.surgeon, self.telemetry, self.monitor,
