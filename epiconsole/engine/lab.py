@@ -31,32 +31,6 @@ def _driver_errors() -> tuple[type[BaseException], ...]:
     return (SshError, ApiNotReady, CopyMismatch, SensorError)
 
 
-def _warm_benchmark(bench: Any) -> None:
-    """Import lm-eval and build the task index the runner will use (cached for the process)."""
-    from epiconsole.benchmark import suite
-
-    warm = getattr(suite, "warm_up", None)
-    if warm is not None:
-        warm(bench)
-        return
-    from epiconsole.benchmark.localdata import TASKS_DIR
-
-    include = [str(TASKS_DIR)] + ([bench.task_dir] if bench.task_dir else [])
-    build = getattr(suite, "_task_manager", None)
-    if build is not None:
-        build(False, include)
-    import lm_eval  # noqa: F401
-
-    # lm-eval records its environment on every run (importing torch and transformers where installed):
-    # the first import holds the interpreter for seconds, so it happens here, not inside a window.
-    try:
-        from lm_eval.loggers.utils import add_env_info
-
-        add_env_info({})
-    except Exception as exc:  # only a warm-up: the benchmark itself reports real failures
-        log.debug("lm-eval warm-up: %s", exc)
-
-
 class LabActions:
     def __init__(
         self,
@@ -126,7 +100,9 @@ class LabActions:
         """Before the first stage: load lm-eval (outside any window), and the meter's info for provenance."""
         # lm-eval's first import and task index take seconds of CPU in its worker thread; paid here,
         # they cannot starve the meter's reader during a measurement window.
-        await asyncio.to_thread(_warm_benchmark, self.cfg.benchmark)
+        from epiconsole.benchmark.suite import warm_up
+
+        await asyncio.to_thread(warm_up, self.cfg.benchmark, simulated=self.cfg.simulated)
         info = self.telemetry.info
         if info is None:
             try:
