@@ -1,4 +1,5 @@
-"""The benchmark runner: real lm-eval (simple_evaluate) against the simulated dllama-api on loopback."""
+"""The benchmark runner: real lm-eval (its evaluate, on tasks built once per process) against the simulated
+dllama-api on loopback."""
 
 from __future__ import annotations
 
@@ -90,6 +91,108 @@ async def test_failed_requests_are_retried_counted_and_leave_accuracy_unchanged(
     assert (b.prompt_tokens, b.completion_tokens) == (a.prompt_tokens, a.completion_tokens)
 
 
+def _prompts(res) -> dict[tuple[str, int], str]:
+    return {(s.task, s.doc_id): s.prompt_hash for s in res.samples}
+
+
+def _count_builds(monkeypatch) -> list[bool]:
+    """Every task set lm-eval builds from here on, as its ``cached`` flag."""
+    from epiconsole.benchmark import tasksets
+
+    built: list[bool] = []
+    build = tasksets._build
+
+    def counting(*args, cached: bool, **kwargs):
+        built.append(cached)
+        return build(*args, cached=cached, **kwargs)
+
+    monkeypatch.setattr(tasksets, "_build", counting)
+    return built
+
+
+async def test_runs_on_the_same_cached_tasks_are_independent(monkeypatch):
+    """lm-eval's tasks are built once and lent to run after run: nothing of one run may reach the next."""
+    from epiconsole.benchmark import tasksets
+
+    bench = dataclasses.replace(BENCH, limit=4)
+    api = await serve()
+    try:
+        await asyncio.to_thread(tasksets.warm_up, bench, simulated=True)
+        built = _count_builds(monkeypatch)
+        tally: list[tuple[int, int, int, int]] = []
+        results = []
+        for b in (bench, bench, dataclasses.replace(bench, seed=7), dataclasses.replace(bench, limit=6), bench):
+            before = (api.tally.requests, api.tally.prompt_tokens, api.tally.completion_tokens, api.tally.correct)
+            results.append(await run_suite(api.url, b, simulated=True))
+            after = (api.tally.requests, api.tally.prompt_tokens, api.tally.completion_tokens, api.tally.correct)
+            tally.append(tuple(x - y for x, y in zip(after, before, strict=True)))
+    finally:
+        await api.stop()
+    first, second, reseeded, longer, again = results
+    # The warmed-up task objects served every run (none was rebuilt), whatever the seed and limit.
+    assert built == []
+    assert all(not t._instances for ts in tasksets._SETS.values() for t in ts.tasks.values())
+    for res, (requests, prompt, completion, correct), n in zip(results, tally, (4, 4, 4, 6, 4), strict=True):
+        # Each run sent exactly its own requests (no request of an earlier run was kept and re-sent) ...
+        assert res.requests == requests == 3 * n and res.failed_requests == 0
+        assert (res.prompt_tokens, res.completion_tokens) == (prompt, completion)
+        # ... and scored exactly the sim's answers to them, each item once.
+        assert len(res.samples) == 3 * n and len(_prompts(res)) == 3 * n
+        assert all(t.n == n for t in res.tasks.values())
+        assert sum(s.correct for s in res.samples) == correct
+    # Same seed, same prompts: the few-shot samplers are re-seeded before every run (arc and hellaswag
+    # draw their shots at random), so the second and the last run repeat the first exactly.
+    for res in (second, again):
+        assert _prompts(res) == _prompts(first)
+        assert {k: t.acc for k, t in res.tasks.items()} == {k: t.acc for k, t in first.tasks.items()}
+        assert (res.prompt_tokens, res.completion_tokens) == (first.prompt_tokens, first.completion_tokens)
+    # Another seed draws other shots for the randomly sampled tasks; MMLU's first_n shots stay.
+    changed = {task for (task, doc), h in _prompts(reseeded).items() if _prompts(first)[(task, doc)] != h}
+    assert changed == {"epi_arc_local", "epi_hellaswag_local"}
+    assert reseeded.provenance.seed == 7 and again.provenance.seed == BENCH.seed
+    assert {k: _prompts(longer)[k] for k in _prompts(first)} == _prompts(first)
+
+
+async def test_a_failed_run_leaves_the_cached_tasks_clean_and_concurrent_runs_do_not_share_them(monkeypatch):
+    from epiconsole.benchmark import tasksets
+
+    bench = dataclasses.replace(BENCH, limit=3, retries=0)
+    await asyncio.to_thread(tasksets.warm_up, bench, simulated=True)
+    built = _count_builds(monkeypatch)
+    broken, a, b = await serve(api_fail_fraction=1.0), await serve(api_delay_s=0.05), await serve(api_delay_s=0.05)
+    try:
+        with pytest.raises(BenchmarkError):
+            await run_suite(broken.url, bench, simulated=True)
+        # Two runs of the same suite at once: the second gets its own task objects, not the lent ones.
+        ra, rb = await asyncio.gather(run_suite(a.url, bench, simulated=True), run_suite(b.url, bench, simulated=True))
+    finally:
+        for api in (broken, a, b):
+            await api.stop()
+    assert built == [False]
+    for res, api in ((ra, a), (rb, b)):
+        assert res.requests == api.tally.requests == 9 and len(res.samples) == 9
+        assert (res.prompt_tokens, res.completion_tokens) == (api.tally.prompt_tokens, api.tally.completion_tokens)
+        assert sum(s.correct for s in res.samples) == api.tally.correct
+    assert _prompts(ra) == _prompts(rb)
+
+
+def test_cached_templates_render_like_lm_evals_own():
+    from lm_eval import utils
+
+    from epiconsole.benchmark import tasksets
+
+    tasksets.cache_templates()
+    tasksets.cache_templates()  # idempotent: still one layer over lm-eval's own
+    cached, uncached = utils.apply_template, utils.apply_template.uncached
+    assert not getattr(uncached, "epiconsole_cached", False)
+    doc = {"question": "  Why?  ", "choices": {"text": ["a", "b", "c"]}, "answerKey": "2"}
+    for template in ("{{question.strip()}}\nA. {{choices.text[0]}}{% if choices.text|length > 3 %}D{% endif %}",
+                     "{{ 'ABCD'[answerKey|int - 1] if answerKey|string in '1234' else answerKey }}", "plain"):
+        assert cached(template, doc) == uncached(template, doc)
+        assert cached(template, doc) == uncached(template, doc)  # the second render reads the cache
+    assert cached("{{ 'ABCD'[answerKey|int - 1] }}", doc) == "B"
+
+
 async def test_a_request_that_keeps_failing_stops_the_run_with_one_sentence():
     api = await serve(api_fail_fraction=1.0)
     try:
@@ -112,9 +215,9 @@ async def test_unreachable_api_and_unknown_model_are_user_errors():
 async def test_real_suite_names_exist_in_lm_eval_and_unknown_or_uncached_tasks_are_user_errors(monkeypatch):
     from epiconsole.benchmark.catalog import GENERATIVE
     from epiconsole.benchmark.localdata import TASKS_DIR
-    from epiconsole.benchmark.suite import _task_manager
+    from epiconsole.benchmark.tasksets import task_manager
 
-    tm = await asyncio.to_thread(_task_manager, True, [str(TASKS_DIR)])
+    tm = await asyncio.to_thread(task_manager, True, [str(TASKS_DIR)])
     assert set(GENERATIVE.values()) <= set(tm.task_index)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
