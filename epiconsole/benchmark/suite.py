@@ -48,8 +48,6 @@ log = logging.getLogger(__name__)
 CANCEL_GRACE_S = 30.0
 #: Bootstrap resamples for the stderr of metrics without a closed form (exact match has one).
 BOOTSTRAP_ITERS = 1000
-#: lm-eval's task index, built once per process (kept under this name for the tests and tools that use it).
-_task_manager = tasksets.task_manager
 
 
 async def run_suite(
