@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import signal
 import sys
@@ -29,6 +28,7 @@ from typing import Any, TextIO
 
 from epiconsole.engine.events import EngineEvent
 from epiconsole.errors import UserError
+from epiconsole.sim.lab import tuned_config
 
 PRINTED = ("campaign", "stage", "suspended", "resumed", "verdict", "result")
 TERMINAL = ("finished", "aborted", "failed")
@@ -56,51 +56,8 @@ class RunOptions:
 # ------------------------------------------------------------------------------------ simulated
 
 
-#: The embedded simulated lab's pace when the config leaves it at the defaults (see :func:`sim_config`).
-SIM_TIME_SCALE = 150.0
-SIM_METER_HZ = 1.25
-
-
-def sim_config(base: Any) -> Any:
-    """The config of an embedded simulated lab tuned for quick matrices (the real lab's stay as designed).
-
-    * ``time_scale`` 150 (when left at the default 60): a repetition's 60 s of stabilization and
-      ~90 s of simulated inference take about a second.
-    * meter ``rate_hz`` 1.25 (when left at the default 10): the device still samples every 0.8 s of its
-      own time, inside the 1 s gap limit, but the board writes 190 lines per real second instead of
-      1500, so a host that stalls for most of a second (this machine is shared) loses nothing from the
-      simulated board's 64 KiB buffer.
-    * ``validate`` skips the sample generation (``--no-generate``): it would import torch, ~7 s per
-      configuration; the structural, manifest and NaN/Inf checks still run on every model.
-    Anything the lab config sets explicitly is kept.
-    """
-    from epiconsole import config as cfgmod
-
-    defaults = cfgmod.LabConfig()
-    cmds = base.commands
-    validate = cmds.validate
-    if "--no-generate" not in validate and validate.startswith("epiconsole surgeon validate"):
-        validate = validate + " --no-generate"
-    sim = base.sim
-    if sim.time_scale == defaults.sim.time_scale:
-        sim = dataclasses.replace(sim, time_scale=SIM_TIME_SCALE)
-    meter = base.meter
-    if meter.rate_hz == defaults.meter.rate_hz:
-        meter = dataclasses.replace(meter, rate_hz=SIM_METER_HZ)
-    bench = base.benchmark
-    if bench == defaults.benchmark:
-        from epiconsole.sim.lab import SIM_TASKS
-
-        # What SimulatedLab itself picks: our three small local tasks (so --dry-run estimates them).
-        bench = dataclasses.replace(bench, tasks=SIM_TASKS, limit=5, max_tokens=4)
-    return dataclasses.replace(
-        base,
-        lab=dataclasses.replace(base.lab, simulated=True),
-        commands=dataclasses.replace(cmds, validate=validate),
-        sim=sim,
-        meter=meter,
-        benchmark=bench,
-    )
+# The simulated lab's tuning lives with the simulated lab; re-exported here for the run/service commands.
+sim_config = tuned_config
 
 
 def sim_dir_for(cfg: Any, explicit: str | None) -> Path:
