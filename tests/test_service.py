@@ -137,6 +137,16 @@ async def test_viewer_sees_live_state_and_pause_takes_effect_at_the_next_boundar
         follower = subprocess.Popen([sys.executable, "-m", "epiconsole", "run", "--headless", "--json", "--sim",
                                      "--config", conf], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
+        # Let the follower attach before the campaign moves on: its start command is the next one. (On a
+        # loaded machine it may take seconds to start; had the campaign ended by then, its start would
+        # rightly begin a new campaign, and it would follow that one.)
+        async def attached():
+            c = await ledger.command(pause + 1)
+            return c if c is not None and c.verb == "start" and c.ok is not None else None
+
+        joined = await until(attached, what="the follower's start")
+        assert joined.ok is False and joined.result["campaign_id"] == campaign_id
+
         resume = await ledger.put_command("resume")
         assert (await ledger.wait_command(resume, 30)).ok
 
@@ -153,7 +163,7 @@ async def test_viewer_sees_live_state_and_pause_takes_effect_at_the_next_boundar
             return c.exit_status == "aborted"
 
         await until(aborted, what="the abort")
-        out, err = follower.communicate(timeout=60)
+        out, err = follower.communicate(timeout=120)
         assert follower.returncode == 3, err  # it followed the campaign to its abort
         followed = [json.loads(line) for line in out.splitlines()]
         assert followed[-1]["event"] == "campaign" and followed[-1]["status"] == "aborted"
